@@ -1,0 +1,121 @@
+"""Tables. One Prediction per client request, one Attempt per upstream submit.
+
+Times are timezone-aware UTC on both SQLite and PostgreSQL; money is integer
+micro-USD (1 USD = 1_000_000).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+TERMINAL_STATUSES = frozenset({"completed", "failed", "canceled"})
+PREDICTION_STATUSES = ("queued", "processing", *sorted(TERMINAL_STATUSES))
+# Attempt.status: submitting (row written before the POST), processing,
+# completed, failed, canceled, unknown (submit sent, outcome never learned).
+ATTEMPT_STATUSES = ("submitting", "processing", "completed", "failed", "canceled", "unknown")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A UUIDv7-style id: time-ordered, so `ORDER BY id DESC` is newest first."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | (0x7 << 76) | (rand & ((1 << 76) - 1))
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant bits
+    return str(uuid.UUID(int=value))
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """SQLite drops tzinfo; store UTC and hand back aware datetimes everywhere."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _ts(nullable: bool = True, index: bool = False) -> Any:
+    return Field(
+        default=None if nullable else None,
+        sa_column=Column(UTCDateTime(), nullable=nullable, index=index),
+    )
+
+
+class Prediction(SQLModel, table=True):
+    __tablename__ = "predictions"
+    __table_args__ = (
+        Index("ix_predictions_status_id", "status", "id"),
+        Index("ix_predictions_lease", "status", "lease_expires_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    model: str = Field(max_length=64)
+    status: str = Field(default="queued", max_length=16)
+    # The validated request with defaults applied and a concrete seed.
+    request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    seed: int = Field(sa_column=Column(BigInteger, nullable=False))
+    provider: str | None = Field(default=None, max_length=64)
+    outputs: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    has_nsfw_contents: list[bool] | None = Field(default=None, sa_column=Column(JSON))
+    error: str | None = None
+    error_kind: str | None = Field(default=None, max_length=32)
+    cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    timings: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    api_key_id: str | None = Field(default=None, max_length=64, index=True)
+    cancel_requested: bool = False
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    started_at: datetime | None = _ts()
+    completed_at: datetime | None = _ts()
+    updated_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    # Which process is driving this prediction, until when. A process that dies
+    # stops renewing; another (or itself after restart) takes it over.
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = _ts()
+
+
+class Attempt(SQLModel, table=True):
+    __tablename__ = "attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    prediction_id: str = Field(foreign_key="predictions.id", index=True, max_length=36)
+    seq: int  # 1-based order within the prediction
+    provider: str = Field(max_length=64)
+    upstream_id: str | None = Field(default=None, max_length=128)
+    poll_url: str | None = None
+    status: str = Field(default="submitting", max_length=16)
+    error: str | None = None
+    error_kind: str | None = Field(default=None, max_length=32)
+    http_status: int | None = None
+    latency_ms: int | None = None
+    cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    api_key_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    completed_at: datetime | None = _ts()
