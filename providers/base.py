@@ -273,6 +273,8 @@ class ProviderSettings(BaseModel):
     max_connections: int = Field(default=200, ge=1)
     # Hosts the proxy downloads outputs from (base64 emulation). "*.x.com" matches subdomains.
     asset_hosts: list[str] = Field(default_factory=list)
+    # Let those downloads reach private/loopback addresses (simulators, on-prem hosts).
+    allow_private_asset_hosts: bool = False
     max_download_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     download_timeout_s: float = Field(default=30.0, gt=0)
 
