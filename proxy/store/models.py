@@ -12,7 +12,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, TypeDecorator, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -56,11 +56,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _ts(nullable: bool = True, index: bool = False) -> Any:
-    return Field(
-        default=None if nullable else None,
-        sa_column=Column(UTCDateTime(), nullable=nullable, index=index),
-    )
+def _ts(index: bool = False) -> Any:
+    """A nullable timestamp column."""
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=True, index=index))
+
+
+def _json(nullable: bool = True) -> Column[Any]:
+    # none_as_null: Python None is SQL NULL (so `IS NULL` works), not JSON 'null'.
+    return Column(JSON(none_as_null=True), nullable=nullable)
 
 
 class Prediction(SQLModel, table=True):
@@ -74,15 +77,15 @@ class Prediction(SQLModel, table=True):
     model: str = Field(max_length=64)
     status: str = Field(default="queued", max_length=16)
     # The validated request with defaults applied and a concrete seed.
-    request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    request: dict[str, Any] = Field(sa_column=_json(nullable=False))
     seed: int = Field(sa_column=Column(BigInteger, nullable=False))
     provider: str | None = Field(default=None, max_length=64)
-    outputs: list[str] | None = Field(default=None, sa_column=Column(JSON))
-    has_nsfw_contents: list[bool] | None = Field(default=None, sa_column=Column(JSON))
+    outputs: list[str] | None = Field(default=None, sa_column=_json())
+    has_nsfw_contents: list[bool] | None = Field(default=None, sa_column=_json())
     error: str | None = None
     error_kind: str | None = Field(default=None, max_length=32)
     cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
-    timings: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    timings: dict[str, Any] | None = Field(default=None, sa_column=_json())
     api_key_id: str | None = Field(default=None, max_length=64, index=True)
     cancel_requested: bool = False
     created_at: datetime = Field(
@@ -101,6 +104,8 @@ class Prediction(SQLModel, table=True):
 
 class Attempt(SQLModel, table=True):
     __tablename__ = "attempts"
+    # One row per (prediction, seq): two drivers can never both record attempt N.
+    __table_args__ = (UniqueConstraint("prediction_id", "seq", name="uq_attempts_prediction_seq"),)
 
     id: int | None = Field(default=None, primary_key=True)
     prediction_id: str = Field(foreign_key="predictions.id", index=True, max_length=36)

@@ -1,0 +1,413 @@
+"""The repository: every database operation the service performs.
+
+Each method is its own short transaction and returns detached, fully loaded
+objects (no lazy loads after return). Leases let several replicas share one
+PostgreSQL: a prediction is driven by whichever process holds an unexpired
+lease on it; a process that dies stops renewing, and `claim_resumable` hands
+its work to someone else. On PostgreSQL lease times come from the database
+clock (`now()`), so replicas with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
+from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlmodel import col
+
+from proxy.store import migrate
+from proxy.store.db import create_engine
+from proxy.store.models import (
+    ATTEMPT_STATUSES,
+    PREDICTION_STATUSES,
+    TERMINAL_STATUSES,
+    Attempt,
+    Prediction,
+    utcnow,
+)
+
+ACTIVE_STATUSES = tuple(s for s in PREDICTION_STATUSES if s not in TERMINAL_STATUSES)
+_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_OWNER_MAX = 64
+_UNSET: Any = object()
+
+
+def encode_cursor(prediction_id: str) -> str:
+    return base64.urlsafe_b64encode(prediction_id.encode("ascii")).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The id inside a cursor; ValueError if it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = raw.decode("ascii")
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not _ID_RE.fullmatch(value):
+        raise ValueError("invalid cursor")
+    return value
+
+
+def _checked(model: type[Any], fields: dict[str, Any], statuses: Sequence[str]) -> dict[str, Any]:
+    columns = set(model.__table__.columns.keys())
+    unknown = sorted(set(fields) - columns)
+    if unknown:
+        raise ValueError(f"unknown {model.__name__} field(s): {', '.join(unknown)}")
+    if "id" in fields:
+        raise ValueError(f"{model.__name__}.id cannot be updated")
+    if "status" in fields and fields["status"] not in statuses:
+        raise ValueError(f"invalid {model.__name__} status {fields['status']!r}")
+    return fields
+
+
+def _check_lease(owner: str, lease_s: float) -> None:
+    if not owner or len(owner) > _OWNER_MAX:
+        raise ValueError(f"lease owner must be 1..{_OWNER_MAX} characters")
+    if lease_s <= 0:
+        raise ValueError("lease_s must be positive")
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+class Store:
+    """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
+        self._schema = schema
+        self._engine = create_engine(url, schema=schema, echo=echo)
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+        self._pg = self._engine.dialect.name == "postgresql"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @property
+    def safe_url(self) -> str:
+        """The database URL with any password masked, for logs."""
+        return self._engine.url.render_as_string(hide_password=True)
+
+    @property
+    def backend(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self._engine.dialect.name
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.dispose()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def upgrade(self) -> None:
+        """Apply pending migrations (alembic upgrade head). Idempotent."""
+        await migrate.upgrade(self._engine, schema=self._schema)
+
+    async def dispose(self) -> None:
+        await self._engine.dispose()
+
+    async def ping(self, timeout_s: float = 5.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s), self._engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    # -- predictions -------------------------------------------------------
+
+    async def create_prediction(self, p: Prediction) -> Prediction:
+        """Insert `p`; it is committed when this returns."""
+        async with self._sessions() as session:
+            session.add(p)
+            await session.commit()
+        return p
+
+    async def get_prediction(self, prediction_id: str) -> Prediction | None:
+        async with self._sessions() as session:
+            return await session.get(Prediction, prediction_id)
+
+    async def get_with_attempts(
+        self, prediction_id: str
+    ) -> tuple[Prediction, list[Attempt]] | None:
+        async with self._sessions() as session, session.begin():
+            prediction = await session.get(Prediction, prediction_id)
+            if prediction is None:
+                return None
+            attempts = await session.scalars(
+                select(Attempt)
+                .where(col(Attempt.prediction_id) == prediction_id)
+                .order_by(col(Attempt.seq))
+            )
+            return prediction, list(attempts)
+
+    async def list_predictions(
+        self,
+        *,
+        status: str | None = None,
+        api_key_id: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Prediction], str | None]:
+        """Newest first. Returns (page, next_cursor); next_cursor is None at the end.
+
+        ValueError for an invalid cursor, status or limit.
+        """
+        if limit < 1:
+            raise ValueError("limit must be >= 1")
+        if status is not None and status not in PREDICTION_STATUSES:
+            raise ValueError(f"invalid status {status!r}")
+        stmt = select(Prediction)
+        if status is not None:
+            stmt = stmt.where(col(Prediction.status) == status)
+        if api_key_id is not None:
+            stmt = stmt.where(col(Prediction.api_key_id) == api_key_id)
+        if cursor is not None:
+            stmt = stmt.where(col(Prediction.id) < decode_cursor(cursor))
+        stmt = stmt.order_by(col(Prediction.id).desc()).limit(limit + 1)
+        async with self._sessions() as session:
+            rows = list(await session.scalars(stmt))
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return rows, encode_cursor(rows[-1].id)
+        return rows, None
+
+    async def update_prediction(self, prediction_id: str, **fields: Any) -> bool:
+        """Set columns by name; always bumps updated_at. False if no such row."""
+        values = _checked(Prediction, fields, PREDICTION_STATUSES)
+        values.setdefault("updated_at", utcnow())
+        stmt = update(Prediction).where(col(Prediction.id) == prediction_id).values(**values)
+        return await self._write(stmt) > 0
+
+    async def finish_prediction(
+        self,
+        prediction_id: str,
+        *,
+        status: str,
+        outputs: list[str] | None = _UNSET,
+        has_nsfw_contents: list[bool] | None = _UNSET,
+        error: str | None = _UNSET,
+        error_kind: str | None = _UNSET,
+        cost_micro_usd: int = _UNSET,
+        timings: dict[str, Any] | None = _UNSET,
+        provider: str | None = _UNSET,
+        completed_at: datetime | None = None,
+    ) -> bool:
+        """Move a non-terminal prediction to terminal `status` and end its lease.
+
+        Sets completed_at/updated_at and every keyword given. Returns False
+        (changing nothing) if the prediction is missing or already terminal,
+        so a late 'completed' cannot overwrite a 'canceled' and vice versa.
+        """
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"finish_prediction needs a terminal status, got {status!r}")
+        given = {
+            "outputs": outputs,
+            "has_nsfw_contents": has_nsfw_contents,
+            "error": error,
+            "error_kind": error_kind,
+            "cost_micro_usd": cost_micro_usd,
+            "timings": timings,
+            "provider": provider,
+        }
+        now = utcnow()
+        values: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
+        values |= {
+            "status": status,
+            "completed_at": completed_at or now,
+            "updated_at": now,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        stmt = (
+            update(Prediction)
+            .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
+            .values(**values)
+        )
+        return await self._write(stmt) > 0
+
+    async def request_cancel(self, prediction_id: str) -> Prediction | None:
+        """Flag a non-terminal prediction for cancellation; the row as it now is.
+
+        Terminal predictions are returned unchanged; None if there is no such id.
+        """
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(Prediction)
+                .where(
+                    col(Prediction.id) == prediction_id,
+                    col(Prediction.status).in_(ACTIVE_STATUSES),
+                )
+                .values(cancel_requested=True, updated_at=utcnow()),
+                execution_options={"synchronize_session": False},
+            )
+            return await session.get(Prediction, prediction_id)
+
+    # -- attempts ----------------------------------------------------------
+
+    async def cancel_requested_among(self, prediction_ids: Iterable[str]) -> list[str]:
+        """Which of these (active) predictions a client asked to cancel."""
+        ids = list(prediction_ids)
+        if not ids:
+            return []
+        stmt = select(col(Prediction.id)).where(
+            col(Prediction.id).in_(ids),
+            col(Prediction.cancel_requested).is_(True),
+            col(Prediction.status).in_(ACTIVE_STATUSES),
+        )
+        async with self._sessions() as session:
+            return list(await session.scalars(stmt))
+
+    async def add_attempt(self, a: Attempt) -> Attempt:
+        """Insert `a`; returned (the same object) with its id set."""
+        async with self._sessions() as session:
+            session.add(a)
+            await session.commit()
+        return a
+
+    async def update_attempt(self, attempt_id: int, **fields: Any) -> bool:
+        """Set columns by name. False if no such row."""
+        values = _checked(Attempt, fields, ATTEMPT_STATUSES)
+        stmt = update(Attempt).where(col(Attempt.id) == attempt_id).values(**values)
+        return await self._write(stmt) > 0
+
+    async def attempts_for(self, prediction_ids: Iterable[str]) -> dict[str, list[Attempt]]:
+        """Attempts of many predictions in one query, each list ordered by seq.
+
+        Every requested id is a key (with [] when it has no attempts).
+        """
+        ids = list(dict.fromkeys(prediction_ids))
+        out: dict[str, list[Attempt]] = {pid: [] for pid in ids}
+        if not ids:
+            return out
+        stmt = (
+            select(Attempt)
+            .where(col(Attempt.prediction_id).in_(ids))
+            .order_by(col(Attempt.prediction_id), col(Attempt.seq))
+        )
+        async with self._sessions() as session:
+            for attempt in await session.scalars(stmt):
+                out[attempt.prediction_id].append(attempt)
+        return out
+
+    # -- leases ------------------------------------------------------------
+
+    def _now(self) -> datetime | ColumnElement[datetime]:
+        return func.now() if self._pg else utcnow()
+
+    def _until(self, lease_s: float) -> datetime | ColumnElement[datetime]:
+        delta = timedelta(seconds=lease_s)
+        return func.now() + delta if self._pg else utcnow() + delta
+
+    def _claimable(
+        self, now: datetime | ColumnElement[datetime], own: str | None = None
+    ) -> ColumnElement[bool]:
+        """Non-terminal with no live lease (or, given `own`, a lease held by `own`)."""
+        expires = col(Prediction.lease_expires_at)
+        free = or_(expires.is_(None), expires < now)
+        if own is not None:
+            free = or_(free, col(Prediction.lease_owner) == own)
+        return and_(col(Prediction.status).in_(ACTIVE_STATUSES), free)
+
+    async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
+        """Lease one non-terminal prediction to `owner`.
+
+        True if it was unleased, expired, or already `owner`'s (the lease is
+        then extended); False if someone else holds it, it is terminal, or
+        it does not exist.
+        """
+        _check_lease(owner, lease_s)
+        now = self._now()
+        stmt = (
+            update(Prediction)
+            .where(col(Prediction.id) == prediction_id, self._claimable(now, own=owner))
+            .values(lease_owner=owner, lease_expires_at=self._until(lease_s))
+        )
+        return await self._write(stmt) > 0
+
+    async def claim_resumable(
+        self, owner: str, lease_s: float, limit: int, *, include_own: bool = False
+    ) -> list[Prediction]:
+        """Lease up to `limit` non-terminal predictions with no live lease, oldest first.
+
+        `include_own=True` also takes rows whose live lease is already `owner`'s
+        (a restarted process with a stable owner id picking up its own work).
+
+        PostgreSQL: the candidate rows are locked with FOR UPDATE SKIP LOCKED,
+        so replicas claiming at once get disjoint sets without waiting on each
+        other. SQLite: one UPDATE under the database write lock.
+        """
+        _check_lease(owner, lease_s)
+        if limit < 1:
+            return []
+        now = self._now()
+        claimable = self._claimable(now, own=owner if include_own else None)
+        candidates = (
+            select(col(Prediction.id)).where(claimable).order_by(col(Prediction.id)).limit(limit)
+        )
+        if self._pg:
+            candidates = candidates.with_for_update(skip_locked=True)
+        stmt = (
+            update(Prediction)
+            # The condition is repeated outside the subquery so a row whose
+            # lease changed under us is never taken.
+            .where(col(Prediction.id).in_(candidates), claimable)
+            .values(lease_owner=owner, lease_expires_at=self._until(lease_s))
+            .returning(Prediction)
+        )
+        async with self._sessions() as session, session.begin():
+            claimed = list(
+                await session.scalars(stmt, execution_options={"synchronize_session": False})
+            )
+        return sorted(claimed, key=lambda p: p.id)
+
+    async def renew_leases(self, owner: str, ids: Iterable[str], lease_s: float) -> int:
+        """Extend `owner`'s leases on `ids`; the number still held (and extended).
+
+        A lease that expired but was not taken by anyone is still `owner`'s and
+        is renewed; one taken over by another owner is not.
+        """
+        _check_lease(owner, lease_s)
+        id_list = list(dict.fromkeys(ids))
+        if not id_list:
+            return 0
+        stmt = (
+            update(Prediction)
+            .where(col(Prediction.id).in_(id_list), col(Prediction.lease_owner) == owner)
+            .values(lease_expires_at=self._until(lease_s))
+        )
+        return await self._write(stmt)
+
+    async def release(self, prediction_id: str, owner: str) -> bool:
+        """Give up `owner`'s lease on one prediction. False if it was not held."""
+        stmt = (
+            update(Prediction)
+            .where(col(Prediction.id) == prediction_id, col(Prediction.lease_owner) == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        return await self._write(stmt) > 0
+
+    # -- helpers -----------------------------------------------------------
+
+    async def _write(self, stmt: Any) -> int:
+        """Run one UPDATE in its own transaction; rows matched."""
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(stmt, execution_options={"synchronize_session": False})
+            return _rowcount(result)
