@@ -1,0 +1,22 @@
+# flux-proxy: the proxy image. Build: docker build -t flux-proxy .
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+COPY providers ./providers
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flux \
+    && mkdir -p /data && chown flux:flux /data
+COPY --from=build /install /usr/local
+USER flux
+WORKDIR /home/flux
+# SQLite on a volume by default; set FLUX_PROXY_DATABASE_URL to a PostgreSQL URL to scale out.
+ENV FLUX_PROXY_DATABASE_URL=sqlite+aiosqlite:////data/flux-proxy.db \
+    PYTHONUNBUFFERED=1
+VOLUME ["/data"]
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=20s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"]
+CMD ["flux-proxy", "serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -1,0 +1,150 @@
+"""/v1/predictions: parse -> call the service -> render."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.openapi.spec import Operation
+from litestar.params import FromPath, FromQuery, QueryParameter
+from pydantic import ValidationError
+
+from ..schema import (
+    ALLOWED,
+    FieldError,
+    GenerateRequest,
+    PredictionList,
+    PredictionView,
+    field_errors,
+)
+from ..service import Conflict, NoProvider, NotFound, PredictionService
+from ..store.models import PREDICTION_STATUSES
+from .errors import error_response
+from .render import prediction_view
+
+
+class _CreateOperation(Operation):
+    """Documents the request body we parse ourselves (to report every bad field
+    with its value and range, which typed parsing cannot)."""
+
+    def to_schema(self) -> dict[str, Any]:
+        out = super().to_schema()
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
+        }
+        return out
+
+
+def _service(request: Request[Any, Any, Any]) -> PredictionService:
+    service: PredictionService = request.app.state.service
+    return service
+
+
+def _base_url(request: Request[Any, Any, Any]) -> str:
+    configured: str = request.app.state.settings.public_base_url
+    return configured or str(request.base_url)
+
+
+def parse_generate(raw: bytes, models: list[str]) -> GenerateRequest | Response[Any]:
+    """The validated request, or the 400/422 response that says what is wrong."""
+    try:
+        req = GenerateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            return error_response(400, f"request body is not valid JSON: {errors[0]['msg']}",
+                                  code="invalid_json")
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            return error_response(422, "request body must be a JSON object",
+                                  details=[FieldError(field="body", reason="not an object")])
+        return error_response(422, "request validation failed", details=field_errors(exc))
+    if req.model not in models:
+        return error_response(422, "request validation failed", details=[
+            FieldError(field="model", reason="unknown model", value=req.model,
+                       allowed=f"one of {', '.join(models)}")])
+    return req
+
+
+class PredictionController(Controller):
+    path = "/v1/predictions"
+    tags = ["predictions"]
+
+    @post(
+        "",
+        status_code=202,
+        operation_class=_CreateOperation,
+        summary="Create a prediction",
+        description="202 with the queued prediction; with enable_sync_mode, 200 with the "
+        "terminal result (or 202 with the running prediction after sync_timeout_s).",
+    )
+    async def create(self, request: Request[Any, Any, Any]) -> Response[Any]:
+        state = request.app.state
+        parsed = parse_generate(await request.body(), state.settings.models)
+        if isinstance(parsed, Response):
+            return parsed
+        service = _service(request)
+        try:
+            run = await service.submit(parsed, api_key_id=None)
+        except NoProvider as exc:
+            details = [FieldError(field=name, reason=why) for name, why in exc.reasons.items()]
+            if not exc.configured:
+                return error_response(503, str(exc), code="no_provider", details=details)
+            return error_response(422, f"{exc}: " + "; ".join(
+                f"{d.field}: {d.reason}" for d in details), code="unsupported", details=details)
+        status = 202
+        if parsed.enable_sync_mode and await service.wait(run, state.settings.sync_timeout_s):
+            status = 200
+        view = prediction_view(run.pred, list(run.attempts), _base_url(request))
+        return Response(view, status_code=status)
+
+    @get("", summary="List predictions, newest first")
+    async def list_predictions(
+        self,
+        request: Request[Any, Any, Any],
+        status: FromQuery[str | None] = None,
+        cursor: FromQuery[str | None] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
+    ) -> Response[Any]:
+        if status is not None and status not in PREDICTION_STATUSES:
+            return error_response(422, "invalid query parameter", details=[
+                FieldError(field="status", reason="unknown status", value=status,
+                           allowed=", ".join(PREDICTION_STATUSES))])
+        store = _service(request).store
+        try:
+            preds, next_cursor = await store.list_predictions(
+                status=status, api_key_id=None, cursor=cursor, limit=limit
+            )
+        except ValueError:
+            return error_response(422, "invalid query parameter", details=[
+                FieldError(field="cursor", reason="not a cursor from this API", value=cursor)])
+        attempts = await store.attempts_for([p.id for p in preds])
+        base = _base_url(request)
+        data = [prediction_view(p, attempts.get(p.id, []), base) for p in preds]
+        return Response(PredictionList(data=data, next_cursor=next_cursor))
+
+    @get("/{prediction_id:str}", summary="Get a prediction")
+    async def get_prediction(
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
+    ) -> Response[Any]:
+        try:
+            pred, attempts = await _service(request).get(prediction_id)
+        except NotFound:
+            return error_response(404, f"no prediction {prediction_id}")
+        return Response(prediction_view(pred, attempts, _base_url(request)))
+
+    @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction")
+    async def cancel(
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
+    ) -> Response[Any]:
+        try:
+            pred, attempts = await _service(request).cancel(prediction_id)
+        except NotFound:
+            return error_response(404, f"no prediction {prediction_id}")
+        except Conflict as exc:
+            return error_response(409, str(exc))
+        return Response(prediction_view(pred, attempts, _base_url(request)))
+
+
+# Re-exported for the OpenAPI docs of the response shape.
+__all__ = ["ALLOWED", "PredictionController", "PredictionView", "parse_generate"]

@@ -1,0 +1,116 @@
+"""Litestar app factory: wires settings, store, providers, service and routes."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from litestar import Litestar
+from litestar.config.compression import CompressionConfig
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+
+from providers.base import Provider, ProviderSettings
+from providers.registry import build_provider
+
+from .api.errors import http_exception_handler, internal_error_handler
+from .api.predictions import PredictionController
+from .api.system import healthz, list_models, readyz
+from .config import Settings
+from .instrumented import InstrumentedProvider
+from .logging import configure_logging, get_logger, register_secrets
+from .routing import Router
+from .service import PredictionService
+from .store.repo import Store
+
+log = get_logger("flux_proxy.app")
+
+
+def disabled_reason(name: str, settings: ProviderSettings) -> str | None:
+    if not settings.enabled:
+        return "disabled in config"
+    if settings.api_key is None or not settings.api_key.get_secret_value():
+        return f"no API key (set {name.upper()}_API_KEY)"
+    return None
+
+
+def build_providers(
+    settings: Settings,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+) -> tuple[dict[str, Provider], dict[str, str]]:
+    providers: dict[str, Provider] = {}
+    disabled: dict[str, str] = {}
+    for name, (kind, psettings) in settings.provider_settings().items():
+        reason = disabled_reason(name, psettings)
+        if reason:
+            disabled[name] = reason
+            continue
+        if psettings.api_key is not None:
+            register_secrets([psettings.api_key.get_secret_value()])
+        inner = build_provider(name, kind, psettings,
+                               transport=(transports or {}).get(name))
+        providers[name] = InstrumentedProvider(inner)
+    return providers, disabled
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    transports: dict[str, httpx.AsyncBaseTransport] | None = None,
+    migrate: bool = True,
+) -> Litestar:
+    settings = settings or Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    instance_id = settings.instance_id or f"{socket.gethostname()}:{settings.port}"
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = Store(settings.database_url)
+        if migrate:
+            await store.upgrade()
+        providers, disabled = build_providers(settings, transports)
+        router = Router(providers, settings.routing.order, disabled)
+        service = PredictionService(
+            store,
+            router,
+            instance_id=instance_id,
+            lease_s=settings.lease_s,
+            prediction_deadline_s=settings.prediction_deadline_s,
+        )
+        app.state.service = service
+        app.state.provider_settings = settings.provider_settings()
+        await service.start()
+        log.info("proxy.started", instance_id=instance_id, providers=router.enabled,
+                 disabled=disabled, database=store.safe_url)
+        try:
+            yield
+        finally:
+            await service.stop()
+            for provider in providers.values():
+                await provider.aclose()
+            await store.dispose()
+            log.info("proxy.stopped", instance_id=instance_id)
+
+    prometheus = PrometheusConfig(app_name="flux_proxy", prefix="flux_proxy_http",
+                                  group_path=True, exclude=["/metrics"])
+    handlers: dict[Any, Any] = {
+        HTTPException: http_exception_handler,
+        Exception: internal_error_handler,
+    }
+    app = Litestar(
+        route_handlers=[PredictionController, list_models, healthz, readyz,
+                        PrometheusController],
+        lifespan=[lifespan],
+        middleware=[prometheus.middleware],
+        exception_handlers=handlers,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="flux-proxy", version="0.1.0", path="/schema"),
+        compression_config=CompressionConfig(backend="gzip", minimum_size=4096),
+        debug=False,
+    )
+    app.state.settings = settings
+    return app

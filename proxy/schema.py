@@ -1,0 +1,227 @@
+"""The ONE request/response schema. Compatibility surfaces translate onto it.
+
+Requests are pydantic (every error at once, with the offending value); responses
+are msgspec structs (the hot path renders them).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from providers.base import GenerationRequest
+
+MIN_SIDE, MAX_SIDE = 256, 1536
+MAX_SEED = 2_147_483_647
+MAX_PROMPT_CHARS = 20_000
+_SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[*xX]\s*(\d{2,5})\s*$")
+
+# What the 422 says is allowed, per field (the union of both seeds' ranges).
+ALLOWED: dict[str, str] = {
+    "model": "a model listed by GET /v1/models",
+    "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
+    "image": "an http(s) URL or a data:image/...;base64 URI",
+    "mask_image": "an http(s) URL or a data:image/...;base64 URI, together with image",
+    "strength": "a number from 0 to 1",
+    "size": f"'W*H' (or 'WxH'), each side {MIN_SIDE}..{MAX_SIDE}",
+    "num_inference_steps": "an integer from 1 to 50",
+    "guidance_scale": "a number from 1 to 20",
+    "num_images": "an integer from 1 to 4",
+    "seed": f"an integer from -1 to {MAX_SEED} (-1: random)",
+    "output_format": "one of jpeg, png, webp",
+    "enable_base64_output": "true or false",
+    "enable_safety_checker": "true or false",
+    "enable_sync_mode": "true or false",
+}
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError("size must look like 1024*1024")
+    w, h = int(m.group(1)), int(m.group(2))
+    if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+        raise ValueError(f"each side must be {MIN_SIDE}..{MAX_SIDE}")
+    return w, h
+
+
+def _check_image_ref(value: str | None) -> str | None:
+    if value is None or value == "":  # WaveSpeed's own example sends "image": ""
+        return None
+    if value.startswith("data:"):
+        if not re.match(r"^data:image/[a-zA-Z0-9.+-]+;base64,", value):
+            raise ValueError("data URI must be data:image/<type>;base64,...")
+        return value
+    if re.match(r"^https?://[^/\s]+", value):
+        return value
+    raise ValueError("must be an http(s) URL or a data:image URI")
+
+
+class GenerateRequest(BaseModel):
+    """POST /v1/predictions. Every input of both seeds, with their defaults."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    model: str = "flux-dev"
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    image: str | None = None
+    mask_image: str | None = None
+    strength: float = Field(default=0.8, ge=0.0, le=1.0)
+    size: str = "1024*1024"
+    num_inference_steps: int = Field(default=28, ge=1, le=50)
+    guidance_scale: float = Field(default=3.5, ge=1.0, le=20.0)
+    num_images: int = Field(default=1, ge=1, le=4)
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    output_format: Literal["jpeg", "png", "webp"] = "jpeg"
+    enable_base64_output: bool = False
+    enable_safety_checker: bool = True
+    enable_sync_mode: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("image", "mask_image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        return _check_image_ref(v)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        w, h = parse_size(v)
+        return f"{w}*{h}"
+
+    @model_validator(mode="after")
+    def _mask_needs_image(self) -> GenerateRequest:
+        if self.mask_image and not self.image:
+            raise ValueError("mask_image needs image (inpainting edits an image)")
+        return self
+
+    def to_generation(self, seed: int) -> GenerationRequest:
+        w, h = parse_size(self.size)
+        return GenerationRequest(
+            prompt=self.prompt,
+            seed=seed,
+            image=self.image,
+            mask_image=self.mask_image,
+            strength=self.strength,
+            width=w,
+            height=h,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            num_images=self.num_images,
+            output_format=self.output_format,
+            enable_safety_checker=self.enable_safety_checker,
+            enable_base64_output=self.enable_base64_output,
+            enable_sync_mode=self.enable_sync_mode,
+        )
+
+
+def generation_from_stored(request: dict[str, Any]) -> GenerationRequest:
+    """Rebuild the provider request from a Prediction row's `request` column."""
+    return GenerationRequest(**request)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class FieldError(msgspec.Struct):
+    field: str
+    reason: str
+    value: Any = None
+    allowed: str | None = None
+
+
+def _preview(value: Any) -> Any:
+    """Echo the value back, but not a megabyte of base64."""
+    if isinstance(value, str) and len(value) > 120:
+        return value[:100] + f"... ({len(value)} chars)"
+    if isinstance(value, (list, dict)) and len(str(value)) > 200:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    return value
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = [str(p) for p in err["loc"]]
+        name = ".".join(loc) or "body"
+        reason = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            reason = "unknown field"
+        top = loc[0] if loc else ""
+        value = _preview(err.get("input")) if loc else None
+        if not loc and "mask_image" in reason:
+            name, top = "mask_image", "mask_image"
+        out.append(FieldError(field=name, reason=reason, value=value, allowed=ALLOWED.get(top)))
+    return out
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def usd(micro: int) -> str:
+    """Exact decimal string of a micro-USD amount: 12000 -> '0.012000'."""
+    return str((Decimal(micro) / Decimal(1_000_000)).quantize(Decimal("0.000001")))
+
+
+class Urls(msgspec.Struct):
+    get: str
+    cancel: str
+
+
+class AttemptView(msgspec.Struct):
+    provider: str
+    upstream_id: str | None
+    status: str
+    error: str | None
+    error_kind: str | None
+    latency_ms: int | None
+    cost_micro_usd: int
+    cost_usd: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class PredictionView(msgspec.Struct):
+    id: str
+    model: str
+    status: Literal["queued", "processing", "completed", "failed", "canceled"]
+    outputs: list[str]
+    has_nsfw_contents: list[bool]
+    seed: int
+    provider: str | None
+    attempts: list[AttemptView]
+    cost_micro_usd: int
+    cost_usd: str
+    error: str | None
+    error_kind: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    timings: dict[str, int]
+    urls: Urls
+
+
+class PredictionList(msgspec.Struct):
+    data: list[PredictionView]
+    next_cursor: str | None
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+    details: list[FieldError] | None = None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: ErrorBody

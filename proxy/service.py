@@ -1,0 +1,216 @@
+"""Prediction service: submit, wait (sync mode), cancel, read; resume on start.
+
+The row is committed before the client hears of the prediction; a background
+task per prediction drives it (runner.py). Leases let several replicas share
+one database: a prediction whose driver stopped renewing is taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from datetime import timedelta
+
+from providers.base import GenerationRequest
+
+from . import metrics
+from .logging import get_logger
+from .routing import Router
+from .runner import Run, Runner
+from .schema import MAX_SEED, GenerateRequest
+from .store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
+from .store.repo import Store
+
+log = get_logger("flux_proxy.service")
+
+
+class NoProvider(Exception):
+    """No enabled provider can serve the request; `reasons` says why per provider."""
+
+    def __init__(self, message: str, reasons: dict[str, str], *, configured: bool) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+        self.configured = configured  # False: nothing is enabled at all (a 503)
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class PredictionService:
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        *,
+        instance_id: str,
+        lease_s: float = 30.0,
+        prediction_deadline_s: float = 600.0,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.instance_id = instance_id
+        self.lease_s = lease_s
+        self.runner = Runner(store, router, prediction_deadline_s)
+        self._runs: dict[str, Run] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        resumed = await self._claim_orphans(include_own=True)
+        if resumed:
+            log.info("predictions.resumed", count=resumed, instance_id=self.instance_id)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="lease-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        runs = list(self._runs.values())
+        for run in runs:
+            if run.task:
+                run.task.cancel()
+        for run in runs:
+            if run.task:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run.task
+        # Hand the unfinished ones back at once, so a restart or a peer resumes them.
+        for run in runs:
+            if run.pred.status not in TERMINAL_STATUSES:
+                with contextlib.suppress(Exception):
+                    await self.store.release(run.pred.id, self.instance_id)
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, self.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ids = [i for i, r in self._runs.items() if not r.done.is_set()]
+                if ids:
+                    await self.store.renew_leases(self.instance_id, ids, self.lease_s)
+                    # A cancel that reached another replica: it set the flag for us.
+                    for pred_id in await self.store.cancel_requested_among(ids):
+                        if run := self._runs.get(pred_id):
+                            run.cancel.set()
+                await self._claim_orphans(include_own=False)
+            except Exception:  # keep sweeping; a store blip must not stop renewals
+                log.exception("lease.sweep_failed")
+
+    async def _claim_orphans(self, *, include_own: bool) -> int:
+        preds = await self.store.claim_resumable(
+            self.instance_id, self.lease_s, limit=500, include_own=include_own
+        )
+        count = 0
+        for pred in preds:
+            if pred.id in self._runs:
+                continue
+            found = await self.store.get_with_attempts(pred.id)
+            if found is None:
+                continue
+            self._spawn(Run(pred=found[0], attempts=found[1]))
+            count += 1
+        return count
+
+    def _spawn(self, run: Run) -> None:
+        self._runs[run.pred.id] = run
+        metrics.PREDICTIONS_IN_FLIGHT.inc()
+        run.task = asyncio.create_task(self.runner.drive(run), name=f"prediction-{run.pred.id}")
+
+        def _done(_: asyncio.Task[None]) -> None:
+            self._runs.pop(run.pred.id, None)
+            metrics.PREDICTIONS_IN_FLIGHT.dec()
+
+        run.task.add_done_callback(_done)
+
+    # ------------------------------------------------------------------ commands
+
+    def plan_check(self, gen: GenerationRequest) -> None:
+        plan = self.router.plan(gen)
+        if not plan.providers:
+            configured = bool(self.router.enabled)
+            raise NoProvider(
+                "no enabled provider can serve this request"
+                if configured
+                else "no provider is enabled (set VIBEDREAM_API_KEY or WAVESPEED_API_KEY)",
+                plan.excluded,
+                configured=configured,
+            )
+
+    async def submit(self, req: GenerateRequest, *, api_key_id: str | None = None) -> Run:
+        seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+        gen = req.to_generation(seed)
+        self.plan_check(gen)
+        now = utcnow()
+        pred = Prediction(
+            model=req.model,
+            request=_stored_request(gen),
+            seed=seed,
+            api_key_id=api_key_id,
+            created_at=now,
+            updated_at=now,
+            lease_owner=self.instance_id,
+            lease_expires_at=now + timedelta(seconds=self.lease_s),
+        )
+        pred = await self.store.create_prediction(pred)
+        metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
+        log.info("prediction.queued", prediction_id=pred.id, api_key_id=api_key_id,
+                 model=pred.model, mode=gen.mode, num_images=gen.num_images,
+                 sync=gen.enable_sync_mode)
+        run = Run(pred=pred, attempts=[])
+        self._spawn(run)
+        return run
+
+    async def wait(self, run: Run, timeout_s: float) -> bool:
+        """True when the prediction reached a terminal state within the timeout."""
+        try:
+            await asyncio.wait_for(run.done.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def get(self, prediction_id: str) -> tuple[Prediction, list[Attempt]]:
+        run = self._runs.get(prediction_id)
+        if run is not None:
+            return run.pred, list(run.attempts)
+        found = await self.store.get_with_attempts(prediction_id)
+        if found is None:
+            raise NotFound(prediction_id)
+        return found
+
+    async def cancel(self, prediction_id: str) -> tuple[Prediction, list[Attempt]]:
+        run = self._runs.get(prediction_id)
+        if run is not None:
+            run.cancel.set()
+            # Let the runner record the cancel, so the answer shows it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.done.wait(), timeout=5.0)
+            return run.pred, list(run.attempts)
+        pred = await self.store.request_cancel(prediction_id)
+        if pred is None:
+            raise NotFound(prediction_id)
+        if pred.status in TERMINAL_STATUSES:
+            raise Conflict(f"prediction is already {pred.status}")
+        # Driven by another replica: its lease sweeper sees cancel_requested and
+        # stops it. Driven by nobody (lease lapsed): it ends here.
+        if pred.lease_owner is None or pred.lease_expires_at is None or (
+            pred.lease_expires_at <= utcnow()
+        ):
+            await self.store.finish_prediction(
+                prediction_id, status="canceled", error="canceled by client"
+            )
+        found = await self.store.get_with_attempts(prediction_id)
+        assert found is not None
+        return found
+
+
+def _stored_request(gen: GenerationRequest) -> dict[str, object]:
+    from dataclasses import asdict
+
+    return asdict(gen)

@@ -1,0 +1,150 @@
+"""Nothing accepted is lost: a proxy killed with SIGKILL mid-prediction resumes
+it after restart, polling the upstream id it recorded, never submitting twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from providers.simulators import SimulatorServer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _write_config(path: Path, sim: SimulatorServer, db: Path, lease_s: float) -> None:
+    host = urlsplit(sim.base_url).netloc
+    path.write_text(
+        f"""
+database_url = "sqlite+aiosqlite:///{db}"
+lease_s = {lease_s}
+log_level = "warning"
+
+[routing]
+order = ["vibedream"]
+
+[providers.vibedream]
+base_url = "{sim.base_url}"
+api_key = "sim-key"
+asset_hosts = ["{host}"]
+allow_private_asset_hosts = true
+poll_initial_s = 0.05
+poll_max_s = 0.2
+"""
+    )
+
+
+@contextmanager
+def proxy_process(config: Path, instance_id: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_"))}
+    env.update(FLUX_PROXY_CONFIG=str(config), FLUX_PROXY_INSTANCE_ID=instance_id)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                if httpx.get(f"{base}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def _get(base: str, pred_id: str) -> dict[str, Any]:
+    r = httpx.get(f"{base}/v1/predictions/{pred_id}", timeout=5)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _wait(base: str, pred_id: str, cond: Any, timeout_s: float = 15) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = _get(base, pred_id)
+        if cond(body):
+            return body
+        assert time.monotonic() < deadline, f"timed out; last state: {body}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("second_instance", "lease_s"), [
+    ("node-a", 30.0),  # same instance restarts: resumes its own at once
+    ("node-b", 1.0),   # another replica takes it over once the lease lapses
+])
+def test_killed_proxy_resumes_with_exactly_one_upstream_submit(
+    tmp_path: Path, vibedream_sim: SimulatorServer, second_instance: str, lease_s: float
+) -> None:
+    vibedream_sim.config.job_latency_s = 2.0
+    config = tmp_path / "proxy.toml"
+    _write_config(config, vibedream_sim, tmp_path / "proxy.db", lease_s)
+
+    with proxy_process(config, "node-a") as (base, proc):
+        r = httpx.post(f"{base}/v1/predictions",
+                       json={"prompt": "a lighthouse", "size": "512*512"}, timeout=5)
+        assert r.status_code == 202
+        pred_id = r.json()["id"]
+        _wait(base, pred_id, lambda b: b["attempts"] and b["attempts"][0]["upstream_id"])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert vibedream_sim.stats["submits"] == 1
+
+    with proxy_process(config, second_instance) as (base, _):
+        done = _wait(base, pred_id, lambda b: b["status"] in ("completed", "failed"))
+    assert done["status"] == "completed", done
+    assert len(done["attempts"]) == 1 and done["attempts"][0]["status"] == "completed"
+    assert vibedream_sim.stats["submits"] == 1
+    assert done["cost_micro_usd"] == 20_000
+
+
+def test_killed_during_submit_is_never_resubmitted(
+    tmp_path: Path, vibedream_sim: SimulatorServer
+) -> None:
+    config = tmp_path / "proxy.toml"
+    _write_config(config, vibedream_sim, tmp_path / "proxy.db", 30.0)
+    with proxy_process(config, "node-a") as (base, proc):
+        r = httpx.post(f"{base}/v1/predictions", timeout=5, json={
+            "prompt": "a lighthouse [sim:submit-latency=3]", "size": "512*512"})
+        pred_id = r.json()["id"]
+        _wait(base, pred_id, lambda b: bool(b["attempts"]))  # attempt row written
+        deadline = time.monotonic() + 5
+        while vibedream_sim.stats["submits"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    with proxy_process(config, "node-a") as (base, _):
+        done = _wait(base, pred_id, lambda b: b["status"] in ("completed", "failed"))
+    # The task may exist upstream: the only provider is not asked again.
+    assert done["status"] == "failed"
+    assert done["attempts"][0]["status"] == "unknown"
+    assert done["attempts"][0]["error_kind"] == "outcome_unknown"
+    assert vibedream_sim.stats["submits"] == 1
