@@ -12,15 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    RetryError,
-    retry_if_exception,
-    retry_if_result,
-    stop_before_delay,
-    wait_exponential,
-)
+from tenacity import RetryError
 
 from providers.base import (
     ErrorKind,
@@ -33,16 +25,13 @@ from providers.base import (
 
 from . import metrics, outputs
 from .logging import get_logger
+from .polling import Canceled, wait_terminal
 from .routing import Router
 from .schema import generation_from_stored
 from .store.models import Attempt, Prediction, utcnow
 from .store.repo import Store
 
 log = get_logger("flux_proxy.runner")
-
-
-class Canceled(Exception):
-    """The client canceled the prediction while it ran."""
 
 
 @dataclass(slots=True)
@@ -70,11 +59,6 @@ class Outcome:
     @property
     def retryable(self) -> bool:
         return self.kind is None or self.kind.retryable
-
-
-def _transient(exc: BaseException) -> bool:
-    """Poll errors worth another GET: anything retryable except a bad key."""
-    return isinstance(exc, ProviderError) and exc.retryable and exc.kind is not ErrorKind.AUTH
 
 
 def _ms(delta: timedelta) -> int:
@@ -320,7 +304,7 @@ class Runner:
         )
         try:
             if not job.status.terminal:
-                job = await self._wait_terminal(run, provider, job, until)
+                job = await wait_terminal(provider, job, until, run.cancel)
         except Canceled:
             await self._cancel_upstream(provider, job)
             await self._end_attempt(run, attempt, "canceled", error="canceled by client",
@@ -355,53 +339,6 @@ class Runner:
         await self._end_attempt(run, attempt, status, error=error, kind=kind,
                                 http_status=None, cost=cost, **extra)
         return Outcome(False, error=error, kind=kind)
-
-    async def _wait_terminal(
-        self, run: Run, provider: Provider, job: UpstreamJob, until: Any
-    ) -> UpstreamJob:
-        """Poll with backoff until terminal; transient poll errors are retried,
-        Retry-After is honoured, the deadline and a client cancel end it."""
-        s = provider.settings
-        backoff = wait_exponential(multiplier=s.poll_initial_s, exp_base=s.poll_multiplier,
-                                   max=s.poll_max_s)
-
-        def wait(state: RetryCallState) -> float:
-            delay = backoff(state)
-            outcome = state.outcome
-            if outcome is not None and outcome.failed:
-                exc = outcome.exception()
-                if isinstance(exc, ProviderError) and exc.retry_after:
-                    delay = max(delay, exc.retry_after)
-            return delay
-
-        async def sleep(seconds: float) -> None:
-            try:
-                await asyncio.wait_for(run.cancel.wait(), timeout=seconds)
-            except TimeoutError:
-                return
-            raise Canceled
-
-        current = job
-        first = True
-
-        async def poll_once() -> UpstreamJob:
-            nonlocal current, first
-            if first:  # the job was just accepted: wait before the first GET
-                first = False
-                return current
-            current = await provider.poll(current)
-            return current
-
-        remaining = max(0.0, (until - utcnow()).total_seconds())
-        retrying = AsyncRetrying(
-            retry=retry_if_result(lambda j: not j.status.terminal) | retry_if_exception(_transient),
-            wait=wait,
-            stop=stop_before_delay(remaining),
-            sleep=sleep,
-            reraise=True,
-        )
-        result: UpstreamJob = await retrying(poll_once)
-        return result
 
     async def _cancel_upstream(self, provider: Provider, job: UpstreamJob) -> None:
         if not provider.capabilities.cancel or job.status.terminal:

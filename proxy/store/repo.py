@@ -15,17 +15,18 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, text, update
+from sqlalchemy import select, text, update
 from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col
 
 from proxy.store import migrate
 from proxy.store.db import create_engine
+from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
 from proxy.store.models import (
     ATTEMPT_STATUSES,
     PREDICTION_STATUSES,
@@ -35,9 +36,7 @@ from proxy.store.models import (
     utcnow,
 )
 
-ACTIVE_STATUSES = tuple(s for s in PREDICTION_STATUSES if s not in TERMINAL_STATUSES)
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_OWNER_MAX = 64
 _UNSET: Any = object()
 
 
@@ -69,18 +68,11 @@ def _checked(model: type[Any], fields: dict[str, Any], statuses: Sequence[str]) 
     return fields
 
 
-def _check_lease(owner: str, lease_s: float) -> None:
-    if not owner or len(owner) > _OWNER_MAX:
-        raise ValueError(f"lease owner must be 1..{_OWNER_MAX} characters")
-    if lease_s <= 0:
-        raise ValueError("lease_s must be positive")
-
-
 def _rowcount(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-class Store:
+class Store(LeaseMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
@@ -306,103 +298,6 @@ class Store:
             for attempt in await session.scalars(stmt):
                 out[attempt.prediction_id].append(attempt)
         return out
-
-    # -- leases ------------------------------------------------------------
-
-    def _now(self) -> datetime | ColumnElement[datetime]:
-        return func.now() if self._pg else utcnow()
-
-    def _until(self, lease_s: float) -> datetime | ColumnElement[datetime]:
-        delta = timedelta(seconds=lease_s)
-        return func.now() + delta if self._pg else utcnow() + delta
-
-    def _claimable(
-        self, now: datetime | ColumnElement[datetime], own: str | None = None
-    ) -> ColumnElement[bool]:
-        """Non-terminal with no live lease (or, given `own`, a lease held by `own`)."""
-        expires = col(Prediction.lease_expires_at)
-        free = or_(expires.is_(None), expires < now)
-        if own is not None:
-            free = or_(free, col(Prediction.lease_owner) == own)
-        return and_(col(Prediction.status).in_(ACTIVE_STATUSES), free)
-
-    async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
-        """Lease one non-terminal prediction to `owner`.
-
-        True if it was unleased, expired, or already `owner`'s (the lease is
-        then extended); False if someone else holds it, it is terminal, or
-        it does not exist.
-        """
-        _check_lease(owner, lease_s)
-        now = self._now()
-        stmt = (
-            update(Prediction)
-            .where(col(Prediction.id) == prediction_id, self._claimable(now, own=owner))
-            .values(lease_owner=owner, lease_expires_at=self._until(lease_s))
-        )
-        return await self._write(stmt) > 0
-
-    async def claim_resumable(
-        self, owner: str, lease_s: float, limit: int, *, include_own: bool = False
-    ) -> list[Prediction]:
-        """Lease up to `limit` non-terminal predictions with no live lease, oldest first.
-
-        `include_own=True` also takes rows whose live lease is already `owner`'s
-        (a restarted process with a stable owner id picking up its own work).
-
-        PostgreSQL: the candidate rows are locked with FOR UPDATE SKIP LOCKED,
-        so replicas claiming at once get disjoint sets without waiting on each
-        other. SQLite: one UPDATE under the database write lock.
-        """
-        _check_lease(owner, lease_s)
-        if limit < 1:
-            return []
-        now = self._now()
-        claimable = self._claimable(now, own=owner if include_own else None)
-        candidates = (
-            select(col(Prediction.id)).where(claimable).order_by(col(Prediction.id)).limit(limit)
-        )
-        if self._pg:
-            candidates = candidates.with_for_update(skip_locked=True)
-        stmt = (
-            update(Prediction)
-            # The condition is repeated outside the subquery so a row whose
-            # lease changed under us is never taken.
-            .where(col(Prediction.id).in_(candidates), claimable)
-            .values(lease_owner=owner, lease_expires_at=self._until(lease_s))
-            .returning(Prediction)
-        )
-        async with self._sessions() as session, session.begin():
-            claimed = list(
-                await session.scalars(stmt, execution_options={"synchronize_session": False})
-            )
-        return sorted(claimed, key=lambda p: p.id)
-
-    async def renew_leases(self, owner: str, ids: Iterable[str], lease_s: float) -> int:
-        """Extend `owner`'s leases on `ids`; the number still held (and extended).
-
-        A lease that expired but was not taken by anyone is still `owner`'s and
-        is renewed; one taken over by another owner is not.
-        """
-        _check_lease(owner, lease_s)
-        id_list = list(dict.fromkeys(ids))
-        if not id_list:
-            return 0
-        stmt = (
-            update(Prediction)
-            .where(col(Prediction.id).in_(id_list), col(Prediction.lease_owner) == owner)
-            .values(lease_expires_at=self._until(lease_s))
-        )
-        return await self._write(stmt)
-
-    async def release(self, prediction_id: str, owner: str) -> bool:
-        """Give up `owner`'s lease on one prediction. False if it was not held."""
-        stmt = (
-            update(Prediction)
-            .where(col(Prediction.id) == prediction_id, col(Prediction.lease_owner) == owner)
-            .values(lease_owner=None, lease_expires_at=None)
-        )
-        return await self._write(stmt) > 0
 
     # -- helpers -----------------------------------------------------------
 
