@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,11 +99,16 @@ class Settings(BaseSettings):
         for name in DEFAULT_PROVIDERS:
             self.providers.setdefault(name, {})
         for name, table in self.providers.items():
-            kind = table.get("kind", name)
+            values = dict(table)
+            kind = values.pop("kind", name)
             try:
-                settings_class(kind)
+                cls = settings_class(kind)
             except KeyError as exc:
                 raise ValueError(f"providers.{name}: unknown kind {kind!r}") from exc
+            try:
+                cls.model_validate(values)
+            except ValidationError as exc:
+                raise ValueError(f"providers.{name}: {exc}") from exc
         unknown = [n for n in self.routing.order if n not in self.providers]
         if unknown:
             raise ValueError(f"routing.order names unknown providers: {unknown}")
