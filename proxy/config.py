@@ -57,8 +57,6 @@ class Settings(BaseSettings):
     # Names this process in leases; a restart with the same id resumes its own
     # predictions at once. Empty: "<hostname>:<port>".
     instance_id: str = ""
-    # Largest outputs downloaded for base64 emulation, and inline input images.
-    max_inline_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
     models: list[str] = Field(default_factory=lambda: ["flux-dev"])
