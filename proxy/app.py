@@ -20,6 +20,7 @@ from providers.registry import build_provider
 from .api.errors import http_exception_handler, internal_error_handler
 from .api.predictions import PredictionController
 from .api.system import healthz, list_models, readyz
+from . import metrics
 from .config import Settings
 from .instrumented import InstrumentedProvider
 from .logging import configure_logging, get_logger, register_secrets
@@ -95,8 +96,10 @@ def create_app(
             await store.dispose()
             log.info("proxy.stopped", instance_id=instance_id)
 
+    # Sync-mode calls last up to sync_timeout_s: the default buckets stop at 10 s.
     prometheus = PrometheusConfig(app_name="flux_proxy", prefix="flux_proxy_http",
-                                  group_path=True, exclude=["/metrics"])
+                                  group_path=True, exclude=["/metrics"],
+                                  buckets=list(metrics.LATENCY_BUCKETS))
     handlers: dict[Any, Any] = {
         HTTPException: http_exception_handler,
         Exception: internal_error_handler,
@@ -111,6 +114,7 @@ def create_app(
         openapi_config=OpenAPIConfig(title="flux-proxy", version="0.1.0", path="/schema"),
         compression_config=CompressionConfig(backend="gzip", minimum_size=4096),
         debug=False,
+        logging_config=None,  # ours (proxy/logging.py) renders every line, library ones too
     )
     app.state.settings = settings
     return app

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 NS = "flux_proxy"
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 PREDICTIONS_ACCEPTED = Counter(
     f"{NS}_predictions_accepted_total", "Predictions accepted.", ["model"]
@@ -22,14 +22,14 @@ PREDICTIONS_IN_FLIGHT = Gauge(
 PREDICTION_DURATION = Histogram(
     f"{NS}_prediction_duration_seconds",
     "Accepted to terminal, per final provider.",
-    ["provider", "status"],
-    buckets=_LATENCY_BUCKETS,
+    ["model", "provider", "status"],
+    buckets=LATENCY_BUCKETS,
 )
 UPSTREAM_LATENCY = Histogram(
     f"{NS}_upstream_request_duration_seconds",
     "One HTTP call to an upstream (submit, poll, download).",
     ["provider", "operation", "outcome"],
-    buckets=_LATENCY_BUCKETS,
+    buckets=LATENCY_BUCKETS,
 )
 ATTEMPTS = Counter(
     f"{NS}_attempts_total", "Upstream attempts by outcome.", ["provider", "outcome"]

@@ -158,7 +158,7 @@ class Runner:
         pred.lease_owner = pred.lease_expires_at = None
         provider_label = pred.provider or "none"
         metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status).inc()
-        metrics.PREDICTION_DURATION.labels(provider_label, status).observe(
+        metrics.PREDICTION_DURATION.labels(pred.model, provider_label, status).observe(
             timings["total_ms"] / 1000
         )
         log.info(
