@@ -17,10 +17,10 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
 
+from . import metrics
 from .api.errors import http_exception_handler, internal_error_handler
 from .api.predictions import PredictionController
 from .api.system import healthz, list_models, readyz
-from . import metrics
 from .config import Settings
 from .instrumented import InstrumentedProvider
 from .logging import configure_logging, get_logger, register_secrets
@@ -74,7 +74,7 @@ def create_app(
         if migrate:
             await store.upgrade()
         providers, disabled = build_providers(settings, transports)
-        router = Router(providers, settings.routing.order, disabled)
+        router = Router(providers, settings.routing, disabled)
         service = PredictionService(
             store,
             router,

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,14 +24,11 @@ from pydantic_settings import (
 from providers.base import ProviderSettings
 from providers.registry import settings_class
 
+from .routing import RoutingSettings
+
 DEFAULT_PROVIDERS = ("wavespeed", "vibedream")
 # Env names the provider contracts use; each maps onto providers.<name>.<field>.
 PROVIDER_ENV_FIELDS = ("API_KEY", "BASE_URL")
-
-
-class RoutingSettings(BaseModel):
-    # Providers tried in this order (the failover issue adds strategies).
-    order: list[str] = Field(default_factory=lambda: list(DEFAULT_PROVIDERS))
 
 
 class Settings(BaseSettings):
@@ -110,6 +107,13 @@ class Settings(BaseSettings):
         unknown = [n for n in self.routing.order if n not in self.providers]
         if unknown:
             raise ValueError(f"routing.order names unknown providers: {unknown}")
+        for model, route in self.routing.routes.items():
+            if model not in self.models:
+                raise ValueError(f"routing.routes.{model}: not one of models {self.models}")
+            named = [*(route.providers or []), *route.weights]
+            unknown = sorted({n for n in named if n not in self.providers})
+            if unknown:
+                raise ValueError(f"routing.routes.{model} names unknown providers: {unknown}")
         return self
 
     def provider_settings(self) -> dict[str, tuple[str, ProviderSettings]]:

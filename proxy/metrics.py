@@ -37,3 +37,15 @@ ATTEMPTS = Counter(
 COST_MICRO_USD = Counter(
     f"{NS}_cost_micro_usd_total", "Money recorded on attempts, micro-USD.", ["provider", "model"]
 )
+BREAKER_STATE = Gauge(
+    f"{NS}_breaker_state", "Circuit breaker per provider: 0 closed, 1 half-open, 2 open.",
+    ["provider"],
+)
+FAILOVERS = Counter(
+    f"{NS}_failovers_total",
+    "A prediction moved to another provider after a retryable failure.",
+    ["from", "to", "reason"],
+)
+HEDGES = Counter(
+    f"{NS}_hedges_total", "Hedged requests started (the primary was slow).", ["provider"]
+)

@@ -1,4 +1,5 @@
-"""The lifecycle of one prediction: attempts across providers until terminal.
+"""The lifecycle of one prediction: providers tried in routed order until one
+serves it, a policy refusal ends it, or its deadline passes.
 
 Every step is written to the store before the next begins, so a restarted
 process resumes from the last recorded step: it polls an upstream id it
@@ -8,170 +9,38 @@ already has and never submits the same attempt twice.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from tenacity import RetryError
+from providers.base import ErrorKind, GenerationRequest, JobStatus, Provider, UpstreamJob
 
-from providers.base import (
-    ErrorKind,
-    GenerationRequest,
-    JobStatus,
-    Provider,
-    ProviderError,
-    UpstreamJob,
-)
-
-from . import metrics, outputs
+from . import metrics
+from .attempts import Attempts, Outcome, Run, ms
+from .hedging import hedged
 from .logging import get_logger
-from .polling import Canceled, wait_terminal
-from .routing import Router
+from .polling import Canceled
+from .routing import Plan, Router
 from .schema import generation_from_stored
-from .store.models import Attempt, Prediction, utcnow
+from .store.models import utcnow
 from .store.repo import Store
 
+__all__ = ["Outcome", "Run", "Runner"]
+
 log = get_logger("flux_proxy.runner")
-
-
-@dataclass(slots=True)
-class Run:
-    """A prediction this process is driving, mirrored in memory so sync-mode
-    answers need no re-read."""
-
-    pred: Prediction
-    attempts: list[Attempt]
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass(slots=True)
-class Outcome:
-    ok: bool
-    provider: str | None = None
-    outputs: list[str] = field(default_factory=list)
-    nsfw: list[bool] = field(default_factory=list)
-    inference_ms: int | None = None
-    error: str | None = None
-    kind: ErrorKind | None = None
-
-    @property
-    def retryable(self) -> bool:
-        return self.kind is None or self.kind.retryable
-
-
-def _ms(delta: timedelta) -> int:
-    return max(0, int(delta.total_seconds() * 1000))
+# A provider that answered 429 created nothing: it may be asked again after its cooldown.
+_RETRY_SAME = frozenset({ErrorKind.RATE_LIMITED.value})
 
 
 class Runner:
     def __init__(self, store: Store, router: Router, prediction_deadline_s: float) -> None:
         self.store = store
         self.router = router
-        self.deadline = timedelta(seconds=prediction_deadline_s)
-
-    # ------------------------------------------------------------------ bookkeeping
+        self.attempts = Attempts(store, router, timedelta(seconds=prediction_deadline_s))
 
     async def _set_pred(self, run: Run, **fields: Any) -> None:
         for key, value in fields.items():
             setattr(run.pred, key, value)
         await self.store.update_prediction(run.pred.id, **fields)
-
-    async def _end_attempt(
-        self,
-        run: Run,
-        attempt: Attempt,
-        status: str,
-        *,
-        cost: int,
-        error: str | None = None,
-        kind: ErrorKind | None = None,
-        http_status: int | None = None,
-        **extra: Any,
-    ) -> None:
-        now = utcnow()
-        fields: dict[str, Any] = {
-            "status": status,
-            "error": error,
-            "error_kind": kind.value if kind else None,
-            "http_status": http_status,
-            "latency_ms": _ms(now - attempt.created_at),
-            "cost_micro_usd": cost,
-            "completed_at": now,
-            **extra,
-        }
-        for key, value in fields.items():
-            setattr(attempt, key, value)
-        assert attempt.id is not None
-        await self.store.update_attempt(attempt.id, **fields)
-        metrics.ATTEMPTS.labels(attempt.provider, kind.value if kind else status).inc()
-        if cost:
-            metrics.COST_MICRO_USD.labels(attempt.provider, run.pred.model).inc(cost)
-        log.info(
-            "attempt.finished",
-            prediction_id=run.pred.id,
-            provider=attempt.provider,
-            attempt=attempt.seq,
-            upstream_id=attempt.upstream_id,
-            status=status,
-            error_kind=fields["error_kind"],
-            latency_ms=fields["latency_ms"],
-            cost_micro_usd=cost,
-        )
-
-    async def _finish(self, run: Run, status: str, outcome: Outcome | None) -> None:
-        pred = run.pred
-        now = utcnow()
-        started = pred.started_at or now
-        last = run.attempts[-1] if run.attempts else None
-        timings = {
-            "queue_ms": _ms(started - pred.created_at),
-            "total_ms": _ms(now - pred.created_at),
-        }
-        if last is not None and last.latency_ms is not None:
-            timings["upstream_ms"] = last.latency_ms
-        if outcome is not None and outcome.inference_ms is not None:
-            timings["inference_ms"] = outcome.inference_ms
-        ok = outcome is not None and outcome.ok
-        failure = None if ok or outcome is None else outcome
-        fields: dict[str, Any] = {
-            "provider": outcome.provider if ok and outcome else (last.provider if last else None),
-            "outputs": outcome.outputs if ok and outcome else [],
-            "has_nsfw_contents": outcome.nsfw if ok and outcome else [],
-            "error": failure.error if failure else None,
-            "error_kind": failure.kind.value if failure and failure.kind else None,
-            "cost_micro_usd": sum(a.cost_micro_usd for a in run.attempts),
-            "timings": timings,
-        }
-        if not await self.store.finish_prediction(pred.id, status=status, completed_at=now,
-                                                  **fields):
-            # Someone else ended it first (a cancel handled elsewhere): theirs stands.
-            stored = await self.store.get_prediction(pred.id)
-            if stored is not None:
-                for key in ("status", *fields, "completed_at"):
-                    setattr(pred, key, getattr(stored, key))
-            return
-        for key, value in fields.items():
-            setattr(pred, key, value)
-        pred.status, pred.completed_at = status, now
-        pred.lease_owner = pred.lease_expires_at = None
-        provider_label = pred.provider or "none"
-        metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status).inc()
-        metrics.PREDICTION_DURATION.labels(pred.model, provider_label, status).observe(
-            timings["total_ms"] / 1000
-        )
-        log.info(
-            "prediction.finished",
-            prediction_id=pred.id,
-            api_key_id=pred.api_key_id,
-            provider=pred.provider,
-            status=status,
-            attempts=len(run.attempts),
-            error_kind=pred.error_kind,
-            cost_micro_usd=pred.cost_micro_usd,
-            total_ms=timings["total_ms"],
-        )
 
     # ------------------------------------------------------------------ the lifecycle
 
@@ -202,7 +71,7 @@ class Runner:
             if outcome is None or (not outcome.ok and outcome.retryable):
                 outcome = await self._try_providers(run, gen, outcome)
         except Canceled:
-            await self._finish(run, "canceled", Outcome(False, error="canceled by client"))
+            await self._finish(run, "canceled", Outcome(False, error=run.cancel.reason))
             return
         await self._finish(run, "completed" if outcome.ok else "failed", outcome)
 
@@ -211,35 +80,54 @@ class Runner:
         if last is None or last.status not in ("submitting", "processing"):
             return None
         provider = self.router.providers.get(last.provider)
-        log.info(
-            "attempt.resumed",
-            prediction_id=run.pred.id,
-            provider=last.provider,
-            attempt=last.seq,
-            upstream_id=last.upstream_id,
-        )
+        log.info("attempt.resumed", prediction_id=run.pred.id, provider=last.provider,
+                 attempt=last.seq, upstream_id=last.upstream_id)
         if last.status == "processing" and last.upstream_id and provider is not None:
             job = UpstreamJob(last.upstream_id, JobStatus.PROCESSING, poll_url=last.poll_url)
-            return await self._follow(run, provider, last, gen, job)
+            return await self.attempts.follow(run, provider, last, gen, job, run.cancel)
         # Died between writing the attempt and learning the upstream id: a task
         # may exist there, so that provider is never asked again for this one.
         msg = "outcome unknown: the proxy stopped while submitting"
         cost = provider.attempt_cost_micro_usd(gen, None) if provider else 0
-        await self._end_attempt(run, last, "unknown", cost=cost, error=msg,
+        await self.attempts.end(run, last, "unknown", cost=cost, error=msg,
                                 kind=ErrorKind.OUTCOME_UNKNOWN)
-        return Outcome(False, error=msg, kind=ErrorKind.OUTCOME_UNKNOWN)
+        return Outcome(False, provider=last.provider, error=msg, kind=ErrorKind.OUTCOME_UNKNOWN)
 
     async def _try_providers(
         self, run: Run, gen: GenerationRequest, last: Outcome | None
     ) -> Outcome:
-        tried = {a.provider for a in run.attempts}
-        plan = self.router.plan(gen, exclude=tried)
-        for provider in plan.providers:
+        requested = run.pred.request.get("providers")
+        limit = self.router.settings.max_attempts
+        plan = Plan(providers=[])
+        # Bounded: each turn either makes an attempt or waits for a provider to free up.
+        for _ in range(4 * limit + 4):
             if run.cancel.is_set():
                 raise Canceled
-            if utcnow() >= run.pred.created_at + self.deadline:
+            if len(run.attempts) >= limit:
+                break
+            left = (self.attempts.deadline_of(run) - utcnow()).total_seconds()
+            if left <= 0:
                 return Outcome(False, error="prediction deadline passed", kind=ErrorKind.TIMEOUT)
-            last = await self._attempt(run, provider, gen)
+            spent = {a.provider for a in run.attempts if a.error_kind not in _RETRY_SAME}
+            plan = self.router.plan(gen, model=run.pred.model, requested=requested,
+                                    exclude=spent)
+            if not plan.providers:
+                break
+            provider = next((p for p in plan.providers if self.router.acquire(p.name)), None)
+            if provider is None:  # every candidate is open or rate-limited: wait for one
+                wait = min(self.router.available_in(p.name) for p in plan.providers)
+                if wait >= left:
+                    return Outcome(False, kind=ErrorKind.UNAVAILABLE, error=(
+                        "no provider available before the deadline: "
+                        + self._health_summary(plan.providers)))
+                await self._sleep(run, max(wait, 0.01))
+                continue
+            if last is not None and last.provider and last.kind is not None:
+                metrics.FAILOVERS.labels(last.provider, provider.name, last.kind.value).inc()
+                log.info("prediction.failover", prediction_id=run.pred.id,
+                         from_provider=last.provider, to_provider=provider.name,
+                         reason=last.kind.value)
+            last = await self._attempt(run, provider, gen, plan)
             if last.ok or not last.retryable:
                 return last
         if last is not None:
@@ -248,103 +136,69 @@ class Runner:
         return Outcome(False, error=f"no provider can serve this request ({why})",
                        kind=ErrorKind.UNAVAILABLE)
 
-    async def _attempt(self, run: Run, provider: Provider, gen: GenerationRequest) -> Outcome:
-        attempt = await self.store.add_attempt(
-            Attempt(
-                prediction_id=run.pred.id,
-                seq=len(run.attempts) + 1,
-                provider=provider.name,
-                api_key_id=run.pred.api_key_id,
-            )
-        )
-        run.attempts.append(attempt)
-        log.info("attempt.submitting", prediction_id=run.pred.id, provider=provider.name,
-                 attempt=attempt.seq)
+    async def _attempt(self, run: Run, provider: Provider, gen: GenerationRequest,
+                       plan: Plan) -> Outcome:
+        delay = self.router.hedge_delay(run.pred.model, provider.name)
+        backups = [p for p in plan.providers if p is not provider]
+        if delay is None or not backups:
+            return await self.attempts.run(run, provider, gen, run.cancel)
+        return await hedged(self.attempts, run, provider, gen, delay, backups)
+
+    def _health_summary(self, providers: list[Provider]) -> str:
+        snap = self.router.snapshot()
+        return "; ".join(
+            f"{p.name}: breaker {snap[p.name]['state']}, "
+            f"rate-limited {snap[p.name]['rate_limited_for_s']}s" for p in providers)
+
+    @staticmethod
+    async def _sleep(run: Run, seconds: float) -> None:
         try:
-            job = await provider.submit(gen)
-        except ProviderError as exc:
-            unknown = exc.kind is ErrorKind.OUTCOME_UNKNOWN
-            await self._end_attempt(
-                run,
-                attempt,
-                "unknown" if unknown else "failed",
-                cost=provider.attempt_cost_micro_usd(gen, None) if unknown else 0,
-                error=exc.message,
-                kind=exc.kind,
-                http_status=exc.status_code,
-            )
-            return Outcome(False, error=exc.message, kind=exc.kind)
-        ids = {"upstream_id": job.upstream_id, "poll_url": job.poll_url}
-        if job.status.terminal:  # answered synchronously: one write instead of two
-            for key, value in ids.items():
-                setattr(attempt, key, value)
-            return await self._follow(run, provider, attempt, gen, job, extra=ids)
-        for key, value in ids.items():
-            setattr(attempt, key, value)
-        assert attempt.id is not None
-        await self.store.update_attempt(attempt.id, status="processing", **ids)
-        attempt.status = "processing"
-        log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
-                 attempt=attempt.seq, upstream_id=job.upstream_id)
-        return await self._follow(run, provider, attempt, gen, job)
-
-    async def _follow(
-        self,
-        run: Run,
-        provider: Provider,
-        attempt: Attempt,
-        gen: GenerationRequest,
-        job: UpstreamJob,
-        extra: dict[str, Any] | None = None,
-    ) -> Outcome:
-        extra = extra or {}
-        until = min(
-            attempt.created_at + timedelta(seconds=provider.settings.deadline_s),
-            run.pred.created_at + self.deadline,
-        )
-        try:
-            if not job.status.terminal:
-                job = await wait_terminal(provider, job, until, run.cancel)
-        except Canceled:
-            await self._cancel_upstream(provider, job)
-            await self._end_attempt(run, attempt, "canceled", error="canceled by client",
-                                    cost=provider.attempt_cost_micro_usd(gen, job), **extra)
-            raise
-        except RetryError:
-            await self._cancel_upstream(provider, job)
-            msg = f"no result from {provider.name} before the deadline"
-            await self._end_attempt(run, attempt, "failed", error=msg, kind=ErrorKind.TIMEOUT,
-                                    cost=provider.attempt_cost_micro_usd(gen, job), **extra)
-            return Outcome(False, error=msg, kind=ErrorKind.TIMEOUT)
-        except ProviderError as exc:
-            await self._end_attempt(run, attempt, "failed", error=exc.message, kind=exc.kind,
-                                    http_status=exc.status_code,
-                                    cost=provider.attempt_cost_micro_usd(gen, job), **extra)
-            return Outcome(False, error=exc.message, kind=exc.kind)
-
-        cost = provider.attempt_cost_micro_usd(gen, job)
-        if job.status is JobStatus.COMPLETED:
-            try:
-                outs, flags = await outputs.normalize(provider, gen, job)
-            except ProviderError as exc:
-                await self._end_attempt(run, attempt, "failed", error=exc.message,
-                                        kind=exc.kind, cost=cost, **extra)
-                return Outcome(False, error=exc.message, kind=exc.kind)
-            await self._end_attempt(run, attempt, "completed", cost=cost, **extra)
-            return Outcome(True, provider=provider.name, outputs=outs, nsfw=flags,
-                           inference_ms=job.inference_ms)
-        kind = job.error_kind or ErrorKind.UNAVAILABLE
-        status = "canceled" if job.status is JobStatus.CANCELED else "failed"
-        error = job.error or f"upstream job {job.raw_status or status}"
-        await self._end_attempt(run, attempt, status, error=error, kind=kind,
-                                http_status=None, cost=cost, **extra)
-        return Outcome(False, error=error, kind=kind)
-
-    async def _cancel_upstream(self, provider: Provider, job: UpstreamJob) -> None:
-        if not provider.capabilities.cancel or job.status.terminal:
+            await asyncio.wait_for(run.cancel.wait(), timeout=seconds)
+        except TimeoutError:
             return
-        try:
-            await provider.cancel(job)
-        except ProviderError as exc:
-            log.warning("attempt.cancel_failed", provider=provider.name,
-                        upstream_id=job.upstream_id, error=exc.message)
+        raise Canceled
+
+    # ------------------------------------------------------------------ the end
+
+    async def _finish(self, run: Run, status: str, outcome: Outcome | None) -> None:
+        pred = run.pred
+        now = utcnow()
+        started = pred.started_at or now
+        last = run.attempts[-1] if run.attempts else None
+        timings = {"queue_ms": ms(started - pred.created_at), "total_ms": ms(now - pred.created_at)}
+        winner = next((a for a in reversed(run.attempts) if a.status == "completed"), last)
+        if winner is not None and winner.latency_ms is not None:
+            timings["upstream_ms"] = winner.latency_ms
+        if outcome is not None and outcome.inference_ms is not None:
+            timings["inference_ms"] = outcome.inference_ms
+        ok = outcome is not None and outcome.ok
+        failure = None if ok or outcome is None else outcome
+        fields: dict[str, Any] = {
+            "provider": outcome.provider if ok and outcome else (last.provider if last else None),
+            "outputs": outcome.outputs if ok and outcome else [],
+            "has_nsfw_contents": outcome.nsfw if ok and outcome else [],
+            "error": failure.error if failure else None,
+            "error_kind": failure.kind.value if failure and failure.kind else None,
+            "cost_micro_usd": sum(a.cost_micro_usd for a in run.attempts),
+            "timings": timings,
+        }
+        if not await self.store.finish_prediction(pred.id, status=status, completed_at=now,
+                                                  **fields):
+            # Someone else ended it first (a cancel handled elsewhere): theirs stands.
+            stored = await self.store.get_prediction(pred.id)
+            if stored is not None:
+                for key in ("status", *fields, "completed_at"):
+                    setattr(pred, key, getattr(stored, key))
+            return
+        for key, value in fields.items():
+            setattr(pred, key, value)
+        pred.status, pred.completed_at = status, now
+        pred.lease_owner = pred.lease_expires_at = None
+        provider_label = pred.provider or "none"
+        metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status).inc()
+        metrics.PREDICTION_DURATION.labels(pred.model, provider_label, status).observe(
+            timings["total_ms"] / 1000)
+        log.info("prediction.finished", prediction_id=pred.id, api_key_id=pred.api_key_id,
+                 provider=pred.provider, status=status, attempts=len(run.attempts),
+                 error_kind=pred.error_kind, cost_micro_usd=pred.cost_micro_usd,
+                 total_ms=timings["total_ms"])

@@ -6,6 +6,7 @@ are msgspec structs (the hot path renders them).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import datetime
 from decimal import Decimal
@@ -37,6 +38,7 @@ ALLOWED: dict[str, str] = {
     "enable_base64_output": "true or false",
     "enable_safety_checker": "true or false",
     "enable_sync_mode": "true or false",
+    "providers": "a non-empty list of provider names from GET /v1/models, tried in that order",
 }
 
 
@@ -81,6 +83,8 @@ class GenerateRequest(BaseModel):
     enable_base64_output: bool = False
     enable_safety_checker: bool = True
     enable_sync_mode: bool = False
+    # Pin or exclude: only these providers, in this order (replaces the route's chain).
+    providers: list[str] | None = Field(default=None, min_length=1, max_length=16)
 
     @field_validator("prompt")
     @classmethod
@@ -99,6 +103,13 @@ class GenerateRequest(BaseModel):
     def _size(cls, v: str) -> str:
         w, h = parse_size(v)
         return f"{w}*{h}"
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("providers must not repeat a name")
+        return v
 
     @model_validator(mode="after")
     def _mask_needs_image(self) -> GenerateRequest:
@@ -126,9 +137,13 @@ class GenerateRequest(BaseModel):
         )
 
 
+_GEN_FIELDS = frozenset(f.name for f in dataclasses.fields(GenerationRequest))
+
+
 def generation_from_stored(request: dict[str, Any]) -> GenerationRequest:
-    """Rebuild the provider request from a Prediction row's `request` column."""
-    return GenerationRequest(**request)
+    """Rebuild the provider request from a Prediction row's `request` column
+    (which also carries routing choices such as `providers`)."""
+    return GenerationRequest(**{k: v for k, v in request.items() if k in _GEN_FIELDS})
 
 
 # --------------------------------------------------------------------------- errors

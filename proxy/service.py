@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from dataclasses import asdict
 from datetime import timedelta
 
 from providers.base import GenerationRequest
@@ -131,8 +132,9 @@ class PredictionService:
 
     # ------------------------------------------------------------------ commands
 
-    def plan_check(self, gen: GenerationRequest) -> None:
-        plan = self.router.plan(gen)
+    def plan_check(self, gen: GenerationRequest, model: str,
+                   requested: list[str] | None = None) -> None:
+        plan = self.router.plan(gen, model=model, requested=requested)
         if not plan.providers:
             configured = bool(self.router.enabled)
             raise NoProvider(
@@ -146,11 +148,11 @@ class PredictionService:
     async def submit(self, req: GenerateRequest, *, api_key_id: str | None = None) -> Run:
         seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         gen = req.to_generation(seed)
-        self.plan_check(gen)
+        self.plan_check(gen, req.model, req.providers)
         now = utcnow()
         pred = Prediction(
             model=req.model,
-            request=_stored_request(gen),
+            request=_stored_request(gen, req.providers),
             seed=seed,
             api_key_id=api_key_id,
             created_at=now,
@@ -210,7 +212,8 @@ class PredictionService:
         return found
 
 
-def _stored_request(gen: GenerationRequest) -> dict[str, object]:
-    from dataclasses import asdict
-
-    return asdict(gen)
+def _stored_request(gen: GenerationRequest, providers: list[str] | None) -> dict[str, object]:
+    stored: dict[str, object] = asdict(gen)
+    if providers:
+        stored["providers"] = list(providers)
+    return stored

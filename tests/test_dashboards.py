@@ -70,12 +70,23 @@ def test_every_panel_is_complete() -> None:
 
 
 async def test_dashboard_uses_only_exported_metrics(
-    tmp_path: Path, wavespeed_sim: SimulatorServer
+    tmp_path: Path, wavespeed_sim: SimulatorServer, vibedream_sim: SimulatorServer
 ) -> None:
-    async with running_proxy(make_settings(tmp_path, {"wavespeed": wavespeed_sim})) as c:
-        r = await c.post("/v1/predictions", json={"prompt": "a lighthouse at dusk"})
+    # One failover and one hedge, so the routing metrics have samples too.
+    settings = make_settings(
+        tmp_path, {"wavespeed": wavespeed_sim, "vibedream": vibedream_sim},
+        routing={"order": ["wavespeed", "vibedream"],
+                 "routes": {"flux-dev": {"hedge": True, "hedge_delay_s": 0.1}}},
+    )
+    async with running_proxy(settings) as c:
+        wavespeed_sim.config.error_rate = 1.0
+        r = await c.post("/v1/predictions", json={"prompt": "a lighthouse", "size": "512*512"})
         assert r.status_code == 202, r.text
         assert (await wait_terminal(c, r.json()["id"]))["status"] == "completed"
+        wavespeed_sim.config.error_rate = 0.0
+        wavespeed_sim.config.job_latency_s = 1.0
+        r = await c.post("/v1/predictions", json={"prompt": "a lighthouse", "size": "512*512"})
+        assert (await wait_terminal(c, r.json()["id"]))["provider"] == "vibedream"
         exposition = (await c.get("/metrics")).text
 
     # Sample names as exported (`x_bucket`, `x_count`, `x_total`, ...) -> their label names.

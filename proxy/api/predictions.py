@@ -46,7 +46,9 @@ def _base_url(request: Request[Any, Any, Any]) -> str:
     return configured or str(request.base_url)
 
 
-def parse_generate(raw: bytes, models: list[str]) -> GenerateRequest | Response[Any]:
+def parse_generate(
+    raw: bytes, models: list[str], providers: list[str]
+) -> GenerateRequest | Response[Any]:
     """The validated request, or the 400/422 response that says what is wrong."""
     try:
         req = GenerateRequest.model_validate_json(raw)
@@ -63,6 +65,11 @@ def parse_generate(raw: bytes, models: list[str]) -> GenerateRequest | Response[
         return error_response(422, "request validation failed", details=[
             FieldError(field="model", reason="unknown model", value=req.model,
                        allowed=f"one of {', '.join(models)}")])
+    unknown = [p for p in req.providers or [] if p not in providers]
+    if unknown:
+        return error_response(422, "request validation failed", details=[
+            FieldError(field="providers", reason=f"unknown provider(s): {', '.join(unknown)}",
+                       value=req.providers, allowed=f"names from {', '.join(providers)}")])
     return req
 
 
@@ -80,7 +87,8 @@ class PredictionController(Controller):
     )
     async def create(self, request: Request[Any, Any, Any]) -> Response[Any]:
         state = request.app.state
-        parsed = parse_generate(await request.body(), state.settings.models)
+        parsed = parse_generate(await request.body(), state.settings.models,
+                                list(state.provider_settings))
         if isinstance(parsed, Response):
             return parsed
         service = _service(request)

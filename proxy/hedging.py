@@ -1,0 +1,80 @@
+"""Hedged attempts: when the first is slow, start the same request on a backup
+and take the first result; the loser is canceled where its upstream allows,
+and both attempts keep their cost."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from providers.base import GenerationRequest, Provider
+
+from . import metrics
+from .attempts import Attempts, CancelSignal, Outcome, Run
+from .logging import get_logger
+from .polling import Canceled
+
+log = get_logger("flux_proxy.hedging")
+
+
+async def _propagate(source: CancelSignal, targets: list[CancelSignal]) -> None:
+    await source.wait()
+    for target in targets:
+        target.fire(source.reason)
+
+
+async def hedged(
+    attempts: Attempts,
+    run: Run,
+    first: Provider,
+    gen: GenerationRequest,
+    delay_s: float,
+    backups: list[Provider],
+) -> Outcome:
+    signals = [CancelSignal()]
+    tasks: dict[asyncio.Task[Outcome], CancelSignal] = {
+        asyncio.create_task(attempts.run(run, first, gen, signals[0])): signals[0]
+    }
+    watcher = asyncio.create_task(_propagate(run.cancel, signals))
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=delay_s)
+        if not done:
+            second = next((p for p in backups if attempts.router.acquire(p.name)), None)
+            if second is not None:
+                metrics.HEDGES.labels(first.name).inc()
+                log.info("attempt.hedged", prediction_id=run.pred.id, provider=first.name,
+                         backup=second.name, after_s=round(delay_s, 3))
+                signal = CancelSignal()
+                signals.append(signal)
+                tasks[asyncio.create_task(attempts.run(run, second, gen, signal))] = signal
+        return await _first_result(run, tasks)
+    finally:
+        watcher.cancel()
+
+
+async def _first_result(run: Run, tasks: dict[asyncio.Task[Outcome], CancelSignal]) -> Outcome:
+    pending = set(tasks)
+    last: Outcome | None = None
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            try:
+                outcome = task.result()
+            except Canceled:
+                if run.cancel.is_set():
+                    await _settle(pending)
+                    raise
+                continue
+            if outcome.ok or not outcome.retryable:
+                for other in pending:
+                    tasks[other].fire(f"hedge lost: {outcome.provider} answered first")
+                await _settle(pending)  # let the losers record their attempts
+                return outcome
+            last = outcome
+    assert last is not None
+    return last
+
+
+async def _settle(pending: set[asyncio.Task[Outcome]]) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.gather(*pending, return_exceptions=True)
