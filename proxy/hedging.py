@@ -47,12 +47,14 @@ async def hedged(
                 signal = CancelSignal()
                 signals.append(signal)
                 tasks[asyncio.create_task(attempts.run(run, second, gen, signal))] = signal
-        return await _first_result(run, tasks)
+        return await _first_result(attempts, run, tasks)
     finally:
         watcher.cancel()
 
 
-async def _first_result(run: Run, tasks: dict[asyncio.Task[Outcome], CancelSignal]) -> Outcome:
+async def _first_result(
+    attempts: Attempts, run: Run, tasks: dict[asyncio.Task[Outcome], CancelSignal]
+) -> Outcome:
     pending = set(tasks)
     last: Outcome | None = None
     while pending:
@@ -68,7 +70,8 @@ async def _first_result(run: Run, tasks: dict[asyncio.Task[Outcome], CancelSigna
             if outcome.ok or not outcome.retryable:
                 for other in pending:
                     tasks[other].fire(f"hedge lost: {outcome.provider} answered first")
-                await _settle(pending)  # let the losers record their attempts
+                if pending:
+                    _settle_later(attempts, run, pending)
                 return outcome
             last = outcome
     assert last is not None
@@ -78,3 +81,25 @@ async def _first_result(run: Run, tasks: dict[asyncio.Task[Outcome], CancelSigna
 async def _settle(pending: set[asyncio.Task[Outcome]]) -> None:
     with contextlib.suppress(Exception):
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _settle_later(attempts: Attempts, run: Run, losers: set[asyncio.Task[Outcome]]) -> None:
+    """The client gets the winner now; a loser still inside its submit cannot be
+    stopped without losing its upstream id, so it ends in the background, and
+    then its cost is added to the (already finished) prediction."""
+
+    async def settle() -> None:
+        await _settle(losers)
+        await run.done.wait()  # after the runner wrote the prediction's final row
+        total = sum(a.cost_micro_usd for a in run.attempts)
+        if total != run.pred.cost_micro_usd:
+            run.pred.cost_micro_usd = total
+            await attempts.store.update_prediction(run.pred.id, cost_micro_usd=total)
+        log.info("hedge.settled", prediction_id=run.pred.id, cost_micro_usd=total)
+
+    task = asyncio.create_task(settle(), name=f"hedge-settle-{run.pred.id}")
+    _background.add(task)
+    task.add_done_callback(_background.discard)
