@@ -62,7 +62,7 @@ def proxy_process(config: Path, instance_id: str) -> Iterator[tuple[str, subproc
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while True:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:
@@ -86,7 +86,7 @@ def _get(base: str, pred_id: str) -> dict[str, Any]:
     return body
 
 
-def _wait(base: str, pred_id: str, cond: Any, timeout_s: float = 15) -> dict[str, Any]:
+def _wait(base: str, pred_id: str, cond: Any, timeout_s: float = 40) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         body = _get(base, pred_id)
