@@ -18,9 +18,12 @@ from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
 
 from . import metrics
+from .api.admin import AdminKeysController
 from .api.errors import http_exception_handler, internal_error_handler
 from .api.predictions import PredictionController
+from .api.spend import spend
 from .api.system import healthz, list_models, readyz
+from .auth import Auth
 from .config import Settings
 from .instrumented import InstrumentedProvider
 from .logging import configure_logging, get_logger, register_secrets
@@ -84,9 +87,21 @@ def create_app(
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()
+        app.state.auth = Auth(
+            store,
+            enabled=settings.auth_enabled,
+            admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+            key_secret=settings.key_secret.get_secret_value() if settings.key_secret else None,
+        )
+        await app.state.auth.secret()
         await service.start()
         log.info("proxy.started", instance_id=instance_id, providers=router.enabled,
-                 disabled=disabled, database=store.safe_url)
+                 disabled=disabled, database=store.safe_url, auth=settings.auth_enabled,
+                 key_hash_secret=app.state.auth.secret_source,
+                 admin_routes=bool(settings.admin_key))
+        if not settings.auth_enabled:
+            log.warning("auth.disabled", message="client API keys are NOT checked "
+                        "(auth_enabled = false): every caller can spend; local development only")
         try:
             yield
         finally:
@@ -105,8 +120,8 @@ def create_app(
         Exception: internal_error_handler,
     }
     app = Litestar(
-        route_handlers=[PredictionController, list_models, healthz, readyz,
-                        PrometheusController],
+        route_handlers=[PredictionController, list_models, spend, AdminKeysController,
+                        healthz, readyz, PrometheusController],
         lifespan=[lifespan],
         middleware=[prometheus.middleware],
         exception_handlers=handlers,

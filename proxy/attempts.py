@@ -28,7 +28,7 @@ from . import metrics, outputs
 from .logging import get_logger
 from .polling import Canceled, wait_terminal
 from .routing import Router
-from .store.models import Attempt, Prediction, utcnow
+from .store.models import ApiKey, Attempt, Prediction, utcnow
 from .store.repo import Store
 
 log = get_logger("flux_proxy.attempts")
@@ -56,6 +56,7 @@ class Run:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancel: CancelSignal = field(default_factory=CancelSignal)
     task: asyncio.Task[None] | None = None
+    key: ApiKey | None = None  # the client key that asked (None: admin or auth off)
 
 
 @dataclass(slots=True)
@@ -183,7 +184,8 @@ class Attempts:
                 await self.end(run, attempt, "failed", error=exc.message, kind=exc.kind,
                                cost=cost, **extra)
                 return Outcome(False, provider=name, error=exc.message, kind=exc.kind)
-            await self.end(run, attempt, "completed", cost=cost, **extra)
+            await self.end(run, attempt, "completed", cost=cost, images=len(outs), **extra)
+            metrics.IMAGES.labels(name).inc(len(outs))
             return Outcome(True, provider=name, outputs=outs, nsfw=flags,
                            inference_ms=job.inference_ms)
         kind = job.error_kind or ErrorKind.UNAVAILABLE
@@ -227,6 +229,9 @@ class Attempts:
         metrics.ATTEMPTS.labels(attempt.provider, kind.value if kind else status).inc()
         if cost:
             metrics.COST_MICRO_USD.labels(attempt.provider, run.pred.model).inc(cost)
+            key_name = run.key.name if run.key else "none"
+            metrics.COST_USD.labels(attempt.provider, run.pred.model, key_name).inc(
+                cost / 1_000_000)
         log.info("attempt.finished", prediction_id=run.pred.id, provider=attempt.provider,
                  attempt=attempt.seq, upstream_id=attempt.upstream_id, status=status,
                  error_kind=fields["error_kind"], latency_ms=fields["latency_ms"],

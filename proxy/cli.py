@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from .auth import Auth
     from .config import Settings
+    from .store.repo import Store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,6 +71,139 @@ def db_upgrade() -> None:
 
     asyncio.run(run())
     click.echo("database is at the latest revision")
+
+
+def _run_with_store(fn: Callable[[Store, Settings], Awaitable[None]]) -> None:
+    """Run `fn` against the configured database (migrated first)."""
+    from .store.repo import Store
+
+    settings = _settings()
+
+    async def run() -> None:
+        store = Store(settings.database_url)
+        try:
+            await store.upgrade()
+            await fn(store, settings)
+        finally:
+            await store.dispose()
+
+    asyncio.run(run())
+
+
+def _auth(store: Store, settings: Settings) -> Auth:
+    from .auth import Auth
+
+    secret = settings.key_secret.get_secret_value() if settings.key_secret else None
+    return Auth(store, enabled=True, admin_key=None, key_secret=secret)
+
+
+@main.group()
+def keys() -> None:
+    """Client API keys (stored hashed; a key is shown once, at creation)."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Unique name, e.g. marketing-app.")
+@click.option("--budget-usd", default=None, help="Budget per period, e.g. 50.")
+@click.option("--period", type=click.Choice(["day", "month"]), default=None,
+              help="Budget period (default month).")
+@click.option("--rate", default=None, help="Request rate limit, e.g. 10/s or 600/m.")
+@click.option("--burst", type=int, default=None, help="Requests allowed at once (default: rate).")
+@click.option("--meta", multiple=True, help="key=value metadata (team, app); repeatable.")
+def keys_create(name: str, budget_usd: str | None, period: str | None, rate: str | None,
+                burst: int | None, meta: tuple[str, ...]) -> None:
+    """Create a key and print it (once)."""
+    from pydantic import ValidationError
+
+    from .keyspec import KeySpec
+    from .store.keys import DuplicateKeyName
+
+    bad = [m for m in meta if "=" not in m]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not key=value", param_hint="--meta")
+    try:
+        spec = KeySpec.model_validate({
+            "name": name, "budget_usd": budget_usd, "period": period, "rate": rate,
+            "burst": burst, "meta": dict(m.split("=", 1) for m in meta)})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors())
+        raise click.UsageError(problems) from None
+
+    async def create(store: Store, settings: Settings) -> None:
+        try:
+            key, row = await _auth(store, settings).create(spec.name, **spec.fields())
+        except DuplicateKeyName as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"created {row.name} ({row.id})")
+        click.echo(f"key: {key}")
+        click.echo("store it now: it is not shown again", err=True)
+
+    _run_with_store(create)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    from .keyspec import key_view
+
+    async def show(store: Store, settings: Settings) -> None:
+        rows = [key_view(k) for k in await store.list_keys()]
+        cols = ("id", "name", "prefix", "budget_usd", "period", "rate_per_s", "revoked_at")
+        table = [cols, *[tuple("" if r[c] is None else str(r[c]) for c in cols) for r in rows]]
+        widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+        for line in table:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+    _run_with_store(show)
+
+
+@keys.command("revoke")
+@click.argument("key")
+def keys_revoke(key: str) -> None:
+    """Revoke a key by id or name (effective at once here, within seconds elsewhere)."""
+
+    async def revoke(store: Store, settings: Settings) -> None:
+        row = await store.find_key(key)
+        if row is None:
+            raise click.ClickException(f"no key {key}")
+        if not await store.revoke_key(row.id):
+            raise click.ClickException(f"key {row.name} is already revoked")
+        click.echo(f"revoked {row.name} ({row.id})")
+
+    _run_with_store(revoke)
+
+
+@main.command()
+@click.option("--group-by", type=click.Choice(["key", "provider", "model", "day"]),
+              default="provider", show_default=True)
+@click.option("--from", "since", default=None, help="ISO date or datetime (inclusive, UTC).")
+@click.option("--to", "until", default=None, help="ISO date or datetime (exclusive, UTC).")
+@click.option("--key", default=None, help="Only this key (id or name).")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV instead of a table.")
+def spend(group_by: str, since: str | None, until: str | None, key: str | None,
+          as_csv: bool) -> None:
+    """Spend totals from the attempt records: cost, images, predictions, failed attempts."""
+    from .spend_report import build_report, parse_bound
+
+    try:
+        start, end = parse_bound(since, "--from"), parse_bound(until, "--to")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+    async def report(store: Store, settings: Settings) -> None:
+        key_id = None
+        if key is not None:
+            row = await store.find_key(key)
+            if row is None:
+                raise click.ClickException(f"no key {key}")
+            key_id = row.id
+        rep = await build_report(store, group_by, since=start, until=end,  # type: ignore[arg-type]
+                                 api_key_id=key_id)
+        click.echo(rep.to_csv() if as_csv else rep.to_table(), nl=not as_csv)
+
+    _run_with_store(report)
 
 
 @main.command()

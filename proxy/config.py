@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # Names this process in leases; a restart with the same id resumes its own
     # predictions at once. Empty: "<hostname>:<port>".
     instance_id: str = ""
+    # Client API keys on every /v1 route. Switch off only for local development.
+    auth_enabled: bool = True
+    admin_key: SecretStr | None = None  # FLUX_PROXY_ADMIN_KEY: guards /admin and sees all
+    key_secret: SecretStr | None = None  # FLUX_PROXY_KEY_SECRET: HMAC secret of key hashes
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
     models: list[str] = Field(default_factory=lambda: ["flux-dev"])

@@ -49,3 +49,12 @@ FAILOVERS = Counter(
 HEDGES = Counter(
     f"{NS}_hedges_total", "Hedged requests started (the primary was slow).", ["provider"]
 )
+COST_USD = Counter(
+    f"{NS}_cost_usd_total", "Money recorded on attempts, USD (exact figures: the spend API).",
+    ["provider", "model", "key_name"],
+)
+IMAGES = Counter(f"{NS}_images_total", "Images delivered by completed attempts.", ["provider"])
+BUDGET_REMAINING_USD = Gauge(
+    f"{NS}_budget_remaining_usd", "Budget left this period (after in-flight reservations).",
+    ["key_name"],
+)

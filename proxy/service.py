@@ -16,8 +16,10 @@ from datetime import timedelta
 from providers.base import GenerationRequest
 
 from . import metrics
+from .auth import Principal
+from .budgets import Budgets
 from .logging import get_logger
-from .routing import Router
+from .routing import Plan, Router
 from .runner import Run, Runner
 from .schema import MAX_SEED, GenerateRequest
 from .store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
@@ -58,8 +60,10 @@ class PredictionService:
         self.instance_id = instance_id
         self.lease_s = lease_s
         self.runner = Runner(store, router, prediction_deadline_s)
+        self.budgets = Budgets(store)
         self._runs: dict[str, Run] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -115,7 +119,8 @@ class PredictionService:
             found = await self.store.get_with_attempts(pred.id)
             if found is None:
                 continue
-            self._spawn(Run(pred=found[0], attempts=found[1]))
+            key = await self.store.find_key(pred.api_key_id) if pred.api_key_id else None
+            self._spawn(Run(pred=found[0], attempts=found[1], key=key))
             count += 1
         return count
 
@@ -127,13 +132,17 @@ class PredictionService:
         def _done(_: asyncio.Task[None]) -> None:
             self._runs.pop(run.pred.id, None)
             metrics.PREDICTIONS_IN_FLIGHT.dec()
+            if run.key is not None and run.key.budget_micro_usd is not None:
+                release = asyncio.create_task(self.budgets.release(run.key, run.pred.id))
+                self._background.add(release)
+                release.add_done_callback(self._background.discard)
 
         run.task.add_done_callback(_done)
 
     # ------------------------------------------------------------------ commands
 
     def plan_check(self, gen: GenerationRequest, model: str,
-                   requested: list[str] | None = None) -> None:
+                   requested: list[str] | None = None) -> Plan:
         plan = self.router.plan(gen, model=model, requested=requested)
         if not plan.providers:
             configured = bool(self.router.enabled)
@@ -144,28 +153,41 @@ class PredictionService:
                 plan.excluded,
                 configured=configured,
             )
+        return plan
 
-    async def submit(self, req: GenerateRequest, *, api_key_id: str | None = None) -> Run:
+    async def submit(self, req: GenerateRequest, principal: Principal | None = None) -> Run:
+        """Validate routing and budget, commit the row, start driving it.
+        Raises NoProvider or BudgetExceeded before anything is written."""
+        principal = principal or Principal()
         seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         gen = req.to_generation(seed)
-        self.plan_check(gen, req.model, req.providers)
+        plan = self.plan_check(gen, req.model, req.providers)
         now = utcnow()
         pred = Prediction(
             model=req.model,
             request=_stored_request(gen, req.providers),
             seed=seed,
-            api_key_id=api_key_id,
+            api_key_id=principal.key_id,
             created_at=now,
             updated_at=now,
             lease_owner=self.instance_id,
             lease_expires_at=now + timedelta(seconds=self.lease_s),
         )
-        pred = await self.store.create_prediction(pred)
+        key = principal.key
+        if key is not None:
+            # Failover may land on any candidate: hold the dearest one's price.
+            expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
+            await self.budgets.reserve(key, pred.id, expected)
+        try:
+            pred = await self.store.create_prediction(pred)
+        except BaseException:
+            await self.budgets.release(key, pred.id)
+            raise
         metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
-        log.info("prediction.queued", prediction_id=pred.id, api_key_id=api_key_id,
+        log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
                  model=pred.model, mode=gen.mode, num_images=gen.num_images,
                  sync=gen.enable_sync_mode)
-        run = Run(pred=pred, attempts=[])
+        run = Run(pred=pred, attempts=[], key=key)
         self._spawn(run)
         return run
 
@@ -177,16 +199,19 @@ class PredictionService:
             return False
         return True
 
-    async def get(self, prediction_id: str) -> tuple[Prediction, list[Attempt]]:
+    async def get(self, prediction_id: str, principal: Principal | None = None
+                  ) -> tuple[Prediction, list[Attempt]]:
+        """A client key sees only its own predictions; others are 'not found'."""
         run = self._runs.get(prediction_id)
-        if run is not None:
-            return run.pred, list(run.attempts)
-        found = await self.store.get_with_attempts(prediction_id)
-        if found is None:
+        found = (run.pred, list(run.attempts)) if run is not None else (
+            await self.store.get_with_attempts(prediction_id))
+        if found is None or not _visible(found[0], principal):
             raise NotFound(prediction_id)
         return found
 
-    async def cancel(self, prediction_id: str) -> tuple[Prediction, list[Attempt]]:
+    async def cancel(self, prediction_id: str, principal: Principal | None = None
+                     ) -> tuple[Prediction, list[Attempt]]:
+        await self.get(prediction_id, principal)  # 404 for someone else's
         run = self._runs.get(prediction_id)
         if run is not None:
             run.cancel.set()
@@ -210,6 +235,10 @@ class PredictionService:
         found = await self.store.get_with_attempts(prediction_id)
         assert found is not None
         return found
+
+
+def _visible(pred: Prediction, principal: Principal | None) -> bool:
+    return principal is None or principal.sees_all or pred.api_key_id == principal.key_id
 
 
 def _stored_request(gen: GenerationRequest, providers: list[str] | None) -> dict[str, object]:

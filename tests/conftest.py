@@ -64,6 +64,7 @@ def make_settings(
         "routing": {"order": list(sims)},
         "public_base_url": "http://proxy.test",
         "instance_id": "test-instance",
+        "auth_enabled": False,  # tests/test_auth.py covers keys
     }
     return Settings(**(values | overrides))
 

@@ -77,8 +77,13 @@ async def test_dashboard_uses_only_exported_metrics(
         tmp_path, {"wavespeed": wavespeed_sim, "vibedream": vibedream_sim},
         routing={"order": ["wavespeed", "vibedream"],
                  "routes": {"flux-dev": {"hedge": True, "hedge_delay_s": 0.1}}},
+        auth_enabled=True, admin_key="admin-secret",
     )
     async with running_proxy(settings) as c:
+        # A key with a budget, so the per-key metrics have samples too.
+        created = await c.post("/admin/keys", json={"name": "dash", "budget_usd": "5"},
+                               headers={"Authorization": "Bearer admin-secret"})
+        c.headers["Authorization"] = f"Bearer {created.json()['key']}"
         wavespeed_sim.config.error_rate = 1.0
         r = await c.post("/v1/predictions", json={"prompt": "a lighthouse", "size": "512*512"})
         assert r.status_code == 202, r.text

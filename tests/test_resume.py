@@ -35,6 +35,7 @@ def _write_config(path: Path, sim: SimulatorServer, db: Path, lease_s: float) ->
 database_url = "sqlite+aiosqlite:///{db}"
 lease_s = {lease_s}
 log_level = "warning"
+auth_enabled = false
 
 [routing]
 order = ["vibedream"]

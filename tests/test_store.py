@@ -21,6 +21,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -29,6 +30,8 @@ from sqlmodel import SQLModel
 from proxy.store import Attempt, Prediction, Store, new_id, normalize_url
 from proxy.store.migrate import alembic_config, current_revision
 from proxy.store.repo import decode_cursor, encode_cursor
+
+HEAD = ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 SKIP_PG = os.environ.get("FLUX_PROXY_SKIP_PG") == "1"
 # FLUX_PROXY_TEST_PG_URL, if set, is the only candidate.
@@ -385,7 +388,7 @@ async def test_upgrade_idempotent_and_concurrent(target: Target) -> None:
         assert await current_revision(a.engine) is None
         await asyncio.gather(a.upgrade(), b.upgrade())
         await a.upgrade()
-        assert await current_revision(a.engine) == "0001"
+        assert await current_revision(a.engine) == HEAD
         assert await a.ping()
 
 
@@ -407,7 +410,7 @@ async def test_downgrade_to_base(store: Store) -> None:
         await conn.run_sync(down)
     assert await current_revision(store.engine) is None
     await store.upgrade()
-    assert await current_revision(store.engine) == "0001"
+    assert await current_revision(store.engine) == HEAD
 
 
 @pytest.mark.parametrize("url", ["sqlite:///x.db", "postgresql://h/db"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
@@ -9,6 +10,8 @@ from litestar.openapi.spec import Operation
 from litestar.params import FromPath, FromQuery, QueryParameter
 from pydantic import ValidationError
 
+from ..auth import principal_of, require_key
+from ..budgets import BudgetExceeded
 from ..schema import (
     ALLOWED,
     FieldError,
@@ -76,6 +79,7 @@ def parse_generate(
 class PredictionController(Controller):
     path = "/v1/predictions"
     tags = ["predictions"]
+    guards = [require_key]
 
     @post(
         "",
@@ -92,8 +96,17 @@ class PredictionController(Controller):
         if isinstance(parsed, Response):
             return parsed
         service = _service(request)
+        principal = principal_of(request)
+        if principal.key is not None:
+            wait = state.auth.rate_limit(principal.key)
+            if wait is not None:
+                return error_response(
+                    429, f"rate limit of key {principal.key.name!r} exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))})
         try:
-            run = await service.submit(parsed, api_key_id=None)
+            run = await service.submit(parsed, principal)
+        except BudgetExceeded as exc:
+            return error_response(402, str(exc), code="budget_exceeded")
         except NoProvider as exc:
             details = [FieldError(field=name, reason=why) for name, why in exc.reasons.items()]
             if not exc.configured:
@@ -120,8 +133,10 @@ class PredictionController(Controller):
                            allowed=", ".join(PREDICTION_STATUSES))])
         store = _service(request).store
         try:
+            principal = principal_of(request)
             preds, next_cursor = await store.list_predictions(
-                status=status, api_key_id=None, cursor=cursor, limit=limit
+                status=status, api_key_id=None if principal.sees_all else principal.key_id,
+                cursor=cursor, limit=limit,
             )
         except ValueError:
             return error_response(422, "invalid query parameter", details=[
@@ -136,7 +151,7 @@ class PredictionController(Controller):
         self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
     ) -> Response[Any]:
         try:
-            pred, attempts = await _service(request).get(prediction_id)
+            pred, attempts = await _service(request).get(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
         return Response(prediction_view(pred, attempts, _base_url(request)))
@@ -146,7 +161,7 @@ class PredictionController(Controller):
         self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
     ) -> Response[Any]:
         try:
-            pred, attempts = await _service(request).cancel(prediction_id)
+            pred, attempts = await _service(request).cancel(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
         except Conflict as exc:

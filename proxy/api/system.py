@@ -6,10 +6,12 @@ from typing import Any
 
 from litestar import Request, Response, get
 
+from ..auth import require_key
 from ..service import PredictionService
 
 
-@get("/v1/models", tags=["models"], summary="Models, providers and their capabilities")
+@get("/v1/models", tags=["models"], summary="Models, providers and their capabilities",
+     guards=[require_key])
 async def list_models(request: Request[Any, Any, Any]) -> dict[str, Any]:
     state = request.app.state
     service: PredictionService = state.service

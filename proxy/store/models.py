@@ -104,8 +104,12 @@ class Prediction(SQLModel, table=True):
 
 class Attempt(SQLModel, table=True):
     __tablename__ = "attempts"
-    # One row per (prediction, seq): two drivers can never both record attempt N.
-    __table_args__ = (UniqueConstraint("prediction_id", "seq", name="uq_attempts_prediction_seq"),)
+    __table_args__ = (
+        # One row per (prediction, seq): two drivers can never both record attempt N.
+        UniqueConstraint("prediction_id", "seq", name="uq_attempts_prediction_seq"),
+        Index("ix_attempts_key_created", "api_key_id", "created_at"),  # spend, budgets
+        Index("ix_attempts_created", "created_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     prediction_id: str = Field(foreign_key="predictions.id", index=True, max_length=36)
@@ -119,8 +123,38 @@ class Attempt(SQLModel, table=True):
     http_status: int | None = None
     latency_ms: int | None = None
     cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    images: int = 0  # outputs a completed attempt produced (spend reports count them)
     api_key_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
     )
     completed_at: datetime | None = _ts()
+
+
+class ApiKey(SQLModel, table=True):
+    """A client key. Only a keyed hash of the key is stored; the key is shown once."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = Field(max_length=128, unique=True)
+    key_hash: str = Field(max_length=64, unique=True)
+    prefix: str = Field(max_length=16)  # the key's first characters, to recognise it
+    meta: dict[str, Any] = Field(default_factory=dict, sa_column=_json(nullable=False))
+    budget_micro_usd: int | None = Field(default=None, sa_column=Column(BigInteger))
+    budget_period: str | None = Field(default=None, max_length=8)  # "day" | "month"
+    rate_per_s: float | None = None
+    burst: int | None = None
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    revoked_at: datetime | None = _ts()
+
+
+class Meta(SQLModel, table=True):
+    """Small per-database values (e.g. the key-hash secret when none is configured)."""
+
+    __tablename__ = "proxy_meta"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str

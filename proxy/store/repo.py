@@ -26,6 +26,7 @@ from sqlmodel import col
 
 from proxy.store import migrate
 from proxy.store.db import create_engine
+from proxy.store.keys import KeysMixin
 from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
 from proxy.store.models import (
     ATTEMPT_STATUSES,
@@ -35,6 +36,7 @@ from proxy.store.models import (
     Prediction,
     utcnow,
 )
+from proxy.store.spend import SpendMixin
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UNSET: Any = object()
@@ -72,7 +74,7 @@ def _rowcount(result: Result[Any]) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-class Store(LeaseMixin):
+class Store(LeaseMixin, KeysMixin, SpendMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
