@@ -81,6 +81,7 @@ async def wait_for(
     pred_id: str,
     cond: Callable[[dict[str, Any]], Any],
     timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Poll our own API until `cond(prediction)` holds (bounded in count and time)."""
     import anyio
@@ -88,7 +89,7 @@ async def wait_for(
     body: dict[str, Any] = {}
     with anyio.fail_after(timeout_s):
         for _ in range(int(timeout_s / 0.02) + 1):
-            r = await client.get(f"/v1/predictions/{pred_id}")
+            r = await client.get(f"/v1/predictions/{pred_id}", headers=headers)
             assert r.status_code == 200, r.text
             body = r.json()
             if cond(body):
@@ -98,8 +99,10 @@ async def wait_for(
 
 
 async def wait_terminal(
-    client: AsyncTestClient[Any], pred_id: str, timeout_s: float = 10.0
+    client: AsyncTestClient[Any], pred_id: str, timeout_s: float = 10.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     return await wait_for(
-        client, pred_id, lambda b: b["status"] in ("completed", "failed", "canceled"), timeout_s
+        client, pred_id, lambda b: b["status"] in ("completed", "failed", "canceled"),
+        timeout_s, headers,
     )

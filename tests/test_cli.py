@@ -78,3 +78,36 @@ def test_simulate_serves_the_wavespeed_wire_format() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_keys_create_list_revoke_and_spend(tmp_path: Path) -> None:
+    env = _env(FLUX_PROXY_DATABASE_URL=f"sqlite:///{tmp_path / 'keys.db'}")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    made = cli("keys", "create", "--name", "app-a", "--budget-usd", "50", "--period", "month",
+               "--rate", "10/s", "--meta", "team=growth")
+    assert made.returncode == 0, made.stderr
+    key = next(line.split()[1] for line in made.stdout.splitlines() if line.startswith("key:"))
+    assert key.startswith("fpk_")
+    assert cli("keys", "create", "--name", "app-a").returncode != 0  # names are unique
+    bad = cli("keys", "create", "--name", "b", "--rate", "lots")
+    assert bad.returncode == 2 and "rate" in bad.stderr
+
+    listed = cli("keys", "list")
+    assert "app-a" in listed.stdout and "50.000000" in listed.stdout
+    assert key not in listed.stdout  # shown once, at creation only
+    with sqlite3.connect(tmp_path / "keys.db") as conn:
+        [(stored,)] = conn.execute("select key_hash from api_keys").fetchall()
+    assert key not in stored and len(stored) == 64
+
+    assert cli("keys", "revoke", "app-a").returncode == 0
+    assert cli("keys", "revoke", "app-a").returncode != 0
+
+    table = cli("spend", "--group-by", "key")
+    assert table.returncode == 0 and "TOTAL" in table.stdout
+    as_csv = cli("spend", "--csv", "--from", "2026-01-01")
+    assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
+    assert cli("spend", "--from", "soon").returncode == 2
