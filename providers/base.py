@@ -191,6 +191,7 @@ class ProviderError(Exception):
         status_code: int | None = None,
         upstream_code: int | None = None,
         retry_after: float | None = None,
+        final: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -198,6 +199,9 @@ class ProviderError(Exception):
         self.status_code = status_code
         self.upstream_code = upstream_code
         self.retry_after = retry_after
+        # On a poll: the job is gone (e.g. its worker died), so polling again is
+        # pointless; the attempt fails now and, if retryable, another provider is tried.
+        self.final = final
 
     @property
     def retryable(self) -> bool:
@@ -277,6 +281,12 @@ class ProviderSettings(BaseModel):
     allow_private_asset_hosts: bool = False
     max_download_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     download_timeout_s: float = Field(default=30.0, gt=0)
+
+    def missing(self, name: str) -> str | None:
+        """Why this provider cannot be enabled as configured (None: it can)."""
+        if self.api_key is None or not self.api_key.get_secret_value():
+            return f"no API key (set {name.upper()}_API_KEY)"
+        return None
 
 
 # --------------------------------------------------------------------------- protocol

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 PROVIDERS: dict[str, tuple[str, str]] = {
     "vibedream": ("providers.vibedream:VibeDreamSettings", "providers.vibedream:VibeDreamProvider"),
     "wavespeed": ("providers.wavespeed:WaveSpeedSettings", "providers.wavespeed:WaveSpeedProvider"),
+    # Our own GPU workers; the adapter imports no torch (only the worker does).
+    "local": ("providers.local.adapter:LocalSettings", "providers.local.adapter:LocalProvider"),
 }
 
 

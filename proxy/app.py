@@ -37,9 +37,7 @@ log = get_logger("flux_proxy.app")
 def disabled_reason(name: str, settings: ProviderSettings) -> str | None:
     if not settings.enabled:
         return "disabled in config"
-    if settings.api_key is None or not settings.api_key.get_secret_value():
-        return f"no API key (set {name.upper()}_API_KEY)"
-    return None
+    return settings.missing(name)
 
 
 def build_providers(

@@ -26,7 +26,7 @@ from providers.registry import settings_class
 
 from .routing import RoutingSettings
 
-DEFAULT_PROVIDERS = ("wavespeed", "vibedream")
+DEFAULT_PROVIDERS = ("local", "wavespeed", "vibedream")
 # Env names the provider contracts use; each maps onto providers.<name>.<field>.
 PROVIDER_ENV_FIELDS = ("API_KEY", "BASE_URL")
 
@@ -155,6 +155,9 @@ class ProviderEnvSource(PydanticBaseSettingsSource):
                 value = os.environ.get(f"{name.upper()}_{fld}")
                 if value is not None:
                     providers.setdefault(name, {})[fld.lower()] = value
+        workers = os.environ.get("LOCAL_WORKER_URLS")
+        if workers is not None:  # the name for providers.local.worker_urls
+            providers.setdefault("local", {})["worker_urls"] = workers
         return {"providers": providers} if providers else {}
 
 

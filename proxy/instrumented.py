@@ -61,5 +61,9 @@ class InstrumentedProvider:
     async def download(self, url: str) -> tuple[bytes, str | None]:
         return await self._timed("download", self.inner.download(url))
 
+    def saturated(self) -> bool:
+        check = getattr(self.inner, "saturated", None)
+        return bool(check()) if check is not None else False
+
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -25,7 +25,8 @@ class Canceled(Exception):
 
 def _transient(exc: BaseException) -> bool:
     """Poll errors worth another GET: anything retryable except a bad key."""
-    return isinstance(exc, ProviderError) and exc.retryable and exc.kind is not ErrorKind.AUTH
+    return (isinstance(exc, ProviderError) and exc.retryable and not exc.final
+            and exc.kind is not ErrorKind.AUTH)
 
 
 async def wait_terminal(

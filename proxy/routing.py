@@ -43,7 +43,8 @@ class RouteSettings(BaseModel):
 class RoutingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    order: list[str] = Field(default_factory=lambda: ["wavespeed", "vibedream"])
+    # Our own GPUs first (disabled until LOCAL_WORKER_URLS is set), then paid providers.
+    order: list[str] = Field(default_factory=lambda: ["local", "wavespeed", "vibedream"])
     strategy: Strategy = "priority"
     routes: dict[str, RouteSettings] = Field(default_factory=dict)  # per model
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
@@ -123,6 +124,9 @@ class Router:
                 plan.providers.append(self.providers[name])
         if not requested:
             plan.providers = self._order(plan.providers, route, req)
+        # Spill-over: a provider whose own capacity is full (every local worker's
+        # queue past its threshold) goes last; it still serves when the rest fail.
+        plan.providers.sort(key=lambda p: bool(getattr(p, "saturated", lambda: False)()))
         return plan
 
     def _order(self, providers: list[Provider], route: RouteSettings,

@@ -16,8 +16,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.database_url.startswith("sqlite+aiosqlite:///")
-    assert s.routing.order == ["wavespeed", "vibedream"]
+    assert s.routing.order == ["local", "wavespeed", "vibedream"]
     providers = s.provider_settings()
+    kind, local = providers["local"]
+    assert kind == "local" and local.missing("local") == "no workers (set LOCAL_WORKER_URLS)"
     kind, vd = providers["vibedream"]
     assert kind == "vibedream" and isinstance(vd, VibeDreamSettings)
     assert vd.base_url == "https://api.vibedream.ai" and vd.api_key is None
@@ -37,6 +39,15 @@ def test_seed_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p["vibedream"][1].base_url == "http://127.0.0.1:9001"
     assert p["wavespeed"][1].base_url == "http://127.0.0.1:9002"
     assert "ws-secret" not in repr(p["wavespeed"][1])  # SecretStr hides it
+
+
+def test_local_worker_urls_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_WORKER_URLS", "http://10.0.0.5:8090, http://10.0.0.6:8090/")
+    monkeypatch.setenv("LOCAL_API_KEY", "worker-token")
+    _, local = Settings().provider_settings()["local"]
+    assert local.worker_urls == ["http://10.0.0.5:8090", "http://10.0.0.6:8090"]  # type: ignore[attr-defined]
+    assert local.missing("local") is None
+    assert local.api_key is not None and local.api_key.get_secret_value() == "worker-token"
 
 
 def test_flux_proxy_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
