@@ -334,3 +334,34 @@ def safe_text(text: str | None, secret: str | None = None) -> str:
     if secret:
         text = text.replace(secret, "***")
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "…"
+
+
+class HTTPProvider:
+    """What every HTTP upstream adapter shares: one pooled API client carrying the
+    key, a separate key-less client for output downloads, and the output guard."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: ProviderSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        guard: media.OutboundGuard | None = None,
+    ) -> None:
+        """`transport` replaces the HTTP transport (tests). `guard` vets output
+        downloads; by default public addresses only, unless the settings'
+        allow_private_asset_hosts."""
+        self.name = name
+        self._secret = settings.api_key.get_secret_value() if settings.api_key else None
+        self._client = build_client(settings, transport=transport)
+        self._assets = build_asset_client(settings, transport=transport)
+        self._guard = guard or media.OutboundGuard(allow_private=settings.allow_private_asset_hosts)
+        self._download_settings = settings
+
+    async def download(self, url: str) -> tuple[bytes, str | None]:
+        return await download(self.name, self._assets, url, self._download_settings,
+                              self._guard)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        await self._assets.aclose()

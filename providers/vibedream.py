@@ -100,7 +100,7 @@ _STATUS = {
 # --------------------------------------------------------------------------- provider
 
 
-class VibeDreamProvider:
+class VibeDreamProvider(_http.HTTPProvider):
     capabilities = CAPABILITIES
 
     def __init__(
@@ -111,15 +111,8 @@ class VibeDreamProvider:
         transport: httpx.AsyncBaseTransport | None = None,
         guard: media.OutboundGuard | None = None,
     ) -> None:
-        """`transport` replaces the HTTP transport (tests). `guard` vets output
-        downloads; by default public addresses only, unless the settings'
-        allow_private_asset_hosts."""
-        self.name = name
+        super().__init__(name, settings, transport=transport, guard=guard)
         self.settings: VibeDreamSettings = settings
-        self._secret = settings.api_key.get_secret_value() if settings.api_key else None
-        self._client = _http.build_client(settings, transport=transport)
-        self._assets = _http.build_asset_client(settings, transport=transport)
-        self._guard = guard or media.OutboundGuard(allow_private=settings.allow_private_asset_hosts)
 
     # -- map request
 
@@ -221,13 +214,6 @@ class VibeDreamProvider:
         return job.charged_micro_usd if job.charged_micro_usd is not None else expected
 
     # -- outputs, lifecycle
-
-    async def download(self, url: str) -> tuple[bytes, str | None]:
-        return await _http.download(self.name, self._assets, url, self.settings, self._guard)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-        await self._assets.aclose()
 
     # -- helpers
 
