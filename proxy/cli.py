@@ -207,6 +207,37 @@ def spend(group_by: str, since: str | None, until: str | None, key: str | None,
 
 
 @main.command()
+@click.option("--model", "model_path", default=None,
+              help="Local FLUX.1 [dev] folder (diffusers layout, model_index.json).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None)
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8090).")
+@click.option("--max-batch-size", type=int, default=None, help="Images per pipeline call.")
+@click.option("--safety-checker", type=click.Choice(["vit", "nudenet", "none"]), default=None)
+@click.option("--safety-model", "safety_model_path", default=None,
+              help="Folder of the NSFW ViT classifier (Falconsai/nsfw_image_detection layout).")
+@click.option("--nsfw-policy", type=click.Choice(["flag", "blackout"]), default=None)
+def worker(**options: Any) -> None:
+    """Serve FLUX.1 [dev] on this machine's GPU (needs `pip install .[local]`)."""
+    try:
+        from providers.local.worker.main import serve as serve_worker
+        from providers.local.worker.settings import WorkerConfigError, WorkerSettings
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the worker needs the ML extra: pip install '.[local]' ({exc})") from None
+    from pydantic import ValidationError
+
+    try:
+        settings = WorkerSettings(**{k: v for k, v in options.items() if v is not None})
+        settings.check()
+    except (ValidationError, WorkerConfigError) as exc:
+        click.echo(f"configuration error: {exc}", err=True)
+        sys.exit(2)
+    serve_worker(settings)
+
+
+@main.command()
 @click.argument("kind", type=click.Choice(["vibedream", "wavespeed"]))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=9000, show_default=True)

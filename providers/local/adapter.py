@@ -199,6 +199,7 @@ class LocalProvider:
         if isinstance(gpu_s, (int, float)) and gpu_s >= 0:
             charged = int(Decimal(str(gpu_s)) * self.settings.gpu_hourly_usd * 1_000_000 / 3600)
         timings = data.get("timings") or {}
+        inference = timings.get("inference_ms") if isinstance(timings, dict) else None
         return UpstreamJob(
             upstream_id=job.upstream_id, status=status, poll_url=job.poll_url,
             outputs=[o for o in data.get("outputs") or [] if isinstance(o, str)],
@@ -207,7 +208,7 @@ class LocalProvider:
             error_kind=_KINDS.get(str(data.get("error_kind")), ErrorKind.UNAVAILABLE)
             if status is JobStatus.FAILED else None,
             charged_micro_usd=charged,
-            inference_ms=timings.get("inference_ms") if isinstance(timings, dict) else None,
+            inference_ms=round(inference) if isinstance(inference, (int, float)) else None,
             raw_status=raw,
         )
 
