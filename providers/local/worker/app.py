@@ -117,7 +117,8 @@ async def _load_inputs(st: _State, req: JobRequest
     async def load(value: str, field: str) -> Image.Image:
         return await load_input_image(value, field=field, client=st.client, guard=st.guard,
                                       max_bytes=st.settings.max_input_bytes,
-                                      timeout_s=st.settings.fetch_timeout_s)
+                                      timeout_s=st.settings.fetch_timeout_s,
+                                      as_mask=field == "mask_image")
 
     image = await load(req.image, "image")
     mask = await load(req.mask_image, "mask_image") if req.mask_image is not None else None
