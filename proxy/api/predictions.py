@@ -6,6 +6,7 @@ import math
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
 from litestar.params import FromPath, FromQuery, QueryParameter
 from pydantic import ValidationError
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 from ..auth import principal_of, require_key
 from ..budgets import BudgetExceeded
 from ..schema import (
-    ALLOWED,
+    ErrorResponse,
     FieldError,
     GenerateRequest,
     PredictionList,
@@ -24,6 +25,13 @@ from ..service import Conflict, NoProvider, NotFound, PredictionService
 from ..store.models import PREDICTION_STATUSES
 from .errors import error_response
 from .render import prediction_view
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    return {c: ResponseSpec(data_container=ErrorResponse, description="error") for c in codes}
+
+
+_ONE = {200: ResponseSpec(data_container=PredictionView, description="the prediction")}
 
 
 class _CreateOperation(Operation):
@@ -85,6 +93,13 @@ class PredictionController(Controller):
         "",
         status_code=202,
         operation_class=_CreateOperation,
+        responses={
+            200: ResponseSpec(data_container=PredictionView,
+                              description="sync mode: the terminal prediction"),
+            202: ResponseSpec(data_container=PredictionView,
+                              description="accepted (or still running after sync_timeout_s)"),
+            **_errors(400, 401, 402, 413, 422, 429, 503),
+        },
         summary="Create a prediction",
         description="202 with the queued prediction; with enable_sync_mode, 200 with the "
         "terminal result (or 202 with the running prediction after sync_timeout_s).",
@@ -119,7 +134,9 @@ class PredictionController(Controller):
         view = prediction_view(run.pred, list(run.attempts), _base_url(request))
         return Response(view, status_code=status)
 
-    @get("", summary="List predictions, newest first")
+    @get("", summary="List predictions, newest first", responses={
+        200: ResponseSpec(data_container=PredictionList, description="a page"),
+        **_errors(401, 422)})
     async def list_predictions(
         self,
         request: Request[Any, Any, Any],
@@ -146,7 +163,8 @@ class PredictionController(Controller):
         data = [prediction_view(p, attempts.get(p.id, []), base) for p in preds]
         return Response(PredictionList(data=data, next_cursor=next_cursor))
 
-    @get("/{prediction_id:str}", summary="Get a prediction")
+    @get("/{prediction_id:str}", summary="Get a prediction",
+         responses={**_ONE, **_errors(401, 404)})
     async def get_prediction(
         self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
     ) -> Response[Any]:
@@ -156,7 +174,8 @@ class PredictionController(Controller):
             return error_response(404, f"no prediction {prediction_id}")
         return Response(prediction_view(pred, attempts, _base_url(request)))
 
-    @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction")
+    @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction",
+          responses={**_ONE, **_errors(401, 404, 409)})
     async def cancel(
         self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
     ) -> Response[Any]:
@@ -168,6 +187,3 @@ class PredictionController(Controller):
             return error_response(409, str(exc))
         return Response(prediction_view(pred, attempts, _base_url(request)))
 
-
-# Re-exported for the OpenAPI docs of the response shape.
-__all__ = ["ALLOWED", "PredictionController", "PredictionView", "parse_generate"]
