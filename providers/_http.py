@@ -19,6 +19,7 @@ reason. Never the API key, never an upstream body beyond `REASON_MAX` chars.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
@@ -157,12 +158,20 @@ async def call(
     secret: str | None = None,
     json_body: Mapping[str, Any] | None = None,
     http_timeout: httpx.Timeout | None = None,
+    total_s: float | None = None,
 ) -> dict[str, Any]:
     """Perform one request; return the JSON object of a 2xx answer or raise a
-    `ProviderError`. `secret` is scrubbed from any reason quoted upstream."""
+    `ProviderError`. `secret` is scrubbed from any reason quoted upstream.
+    `total_s` bounds the whole call, body included."""
     extra: dict[str, Any] = {} if http_timeout is None else {"timeout": http_timeout}
     try:
-        response = await client.request(method, url, json=json_body, **extra)
+        async with asyncio.timeout(total_s):
+            response = await client.request(method, url, json=json_body, **extra)
+    except TimeoutError as exc:  # the total bound: the request went out
+        if op == "submit":
+            raise _unknown(provider, f"no complete answer within {total_s}s") from exc
+        raise UpstreamTimeout(f"{provider}: {op} took longer than {total_s}s",
+                              provider=provider) from exc
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise UpstreamUnavailable(
             f"{provider}: {op} could not connect ({type(exc).__name__})", provider=provider

@@ -268,7 +268,10 @@ class ProviderSettings(BaseModel):
     base_url: str
     api_key: SecretStr | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    read_timeout_s: float = Field(default=30.0, gt=0)  # per upstream call (submit, poll)
+    read_timeout_s: float = Field(default=30.0, gt=0)  # between bytes, per upstream call
+    # Whole upstream call, however the bytes trickle (a read timeout alone can be
+    # defeated by an upstream that sends one byte at a time).
+    total_timeout_s: float = Field(default=60.0, gt=0)
     # The longest one job may run upstream before the attempt is given up.
     deadline_s: float = Field(default=300.0, gt=0)
     poll_initial_s: float = Field(default=0.25, gt=0)

@@ -144,6 +144,7 @@ class VibeDreamProvider(_http.HTTPProvider):
             op="submit",
             secret=self._secret,
             json_body=self._body(req),
+            total_s=self.settings.total_timeout_s,
         )
         sub = _http.parse_model(self.name, "submit", _Submitted, data)
         status_url = sub.status_url if isinstance(sub.status_url, str) else None
@@ -163,6 +164,7 @@ class VibeDreamProvider(_http.HTTPProvider):
             provider=self.name,
             op="poll",
             secret=self._secret,
+            total_s=self.settings.total_timeout_s,
         )
         pred = _http.parse_model(self.name, "poll", _Prediction, data)
         if pred.id != job.upstream_id:  # never hand one job's images to another

@@ -173,9 +173,10 @@ class WaveSpeedProvider(_http.HTTPProvider):
         """One POST, never retried. In sync mode the answer is usually terminal;
         when WaveSpeed stops holding the POST (data.code 5004) the job comes
         back processing and the caller polls it -- never POST again."""
-        timeout = None
+        timeout, total = None, self.settings.total_timeout_s
         if self._sync(req):
             timeout = _http.timeout(self.settings, read_s=self.settings.sync_read_timeout_s)
+            total += self.settings.sync_read_timeout_s  # the POST is held while it runs
         body = await _http.call(
             self._client,
             "POST",
@@ -185,6 +186,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
             secret=self._secret,
             json_body=self._body(req),
             http_timeout=timeout,
+            total_s=total,
         )
         return self._job(self._data(body, "submit"), expected_format=req.output_format)
 
@@ -196,6 +198,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
             provider=self.name,
             op="poll",
             secret=self._secret,
+            total_s=self.settings.total_timeout_s,
         )
         data = self._data(body, "poll")
         if data.id != job.upstream_id:  # never hand one task's images to another

@@ -153,7 +153,7 @@ class LocalProvider:
         try:
             data = await _http.call(self._client, "POST", f"{worker.url}/v1/jobs",
                                     provider=self.name, op="submit", secret=self._secret,
-                                    json_body=body)
+                                    json_body=body, total_s=self.settings.total_timeout_s)
         except UpstreamUnavailable:
             worker.healthy = False  # skip it until the next health check says otherwise
             raise
@@ -172,7 +172,7 @@ class LocalProvider:
         worker = self._worker_of(url)
         try:
             data = await _http.call(self._client, "GET", url, provider=self.name, op="poll",
-                                    secret=self._secret)
+                                    secret=self._secret, total_s=self.settings.total_timeout_s)
         except UpstreamUnavailable as exc:
             now = time.monotonic()
             if exc.status_code == 404:  # the worker restarted: the job went with it
