@@ -88,23 +88,25 @@ class Attempts:
         return run.pred.created_at + self.deadline
 
     async def run(
-        self, run: Run, provider: Provider, gen: GenerationRequest, cancel: CancelSignal
+        self, run: Run, provider: Provider, gen: GenerationRequest, cancel: CancelSignal,
+        ticket: int | None = None,
     ) -> Outcome:
-        """A new attempt on `provider`. Raises Canceled when `cancel` fires."""
+        """A new attempt on `provider`, under the router's `ticket`. Raises Canceled
+        when `cancel` fires."""
         attempt = Attempt(prediction_id=run.pred.id, seq=len(run.attempts) + 1,
                           provider=provider.name, api_key_id=run.pred.api_key_id)
         run.attempts.append(attempt)  # seq is taken before any await: hedges never clash
         try:
             await self.store.add_attempt(attempt)
-            return await self._submit_and_follow(run, provider, gen, cancel, attempt)
+            return await self._submit_and_follow(run, provider, gen, cancel, attempt, ticket)
         finally:
-            if attempt.completed_at is None and attempt.status not in ("processing",):
-                # Shutdown mid-submit: give a half-open probe slot back.
-                self.router.record(provider.name, ok=False)
+            if attempt.completed_at is None:
+                # Shutdown (or a store error) mid-attempt: give the ticket back.
+                self.router.record(provider.name, ok=False, ticket=ticket)
 
     async def _submit_and_follow(
         self, run: Run, provider: Provider, gen: GenerationRequest, cancel: CancelSignal,
-        attempt: Attempt,
+        attempt: Attempt, ticket: int | None,
     ) -> Outcome:
         log.info("attempt.submitting", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, api_key_id=run.pred.api_key_id)
@@ -127,19 +129,20 @@ class Attempts:
             await self.end(run, attempt, "unknown" if unknown else "failed",
                            cost=provider.attempt_cost_micro_usd(gen, None) if unknown else 0,
                            error=error, kind=exc.kind, http_status=exc.status_code,
-                           retry_after=exc.retry_after)
+                           retry_after=exc.retry_after, ticket=ticket)
             return Outcome(False, provider=provider.name, error=error, kind=exc.kind)
         ids = {"upstream_id": job.upstream_id, "poll_url": job.poll_url}
         for key, value in ids.items():
             setattr(attempt, key, value)
         if job.status.terminal:  # answered synchronously: one write instead of two
-            return await self.follow(run, provider, attempt, gen, job, cancel, extra=ids)
+            return await self.follow(run, provider, attempt, gen, job, cancel, extra=ids,
+                                     ticket=ticket)
         assert attempt.id is not None
         await self.store.update_attempt(attempt.id, status="processing", **ids)
         attempt.status = "processing"
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)
-        return await self.follow(run, provider, attempt, gen, job, cancel)
+        return await self.follow(run, provider, attempt, gen, job, cancel, ticket=ticket)
 
     async def follow(
         self,
@@ -150,9 +153,10 @@ class Attempts:
         job: UpstreamJob,
         cancel: CancelSignal,
         extra: dict[str, Any] | None = None,
+        ticket: int | None = None,
     ) -> Outcome:
         """Wait for an accepted job to end, then record it."""
-        extra = extra or {}
+        extra = {**(extra or {}), "ticket": ticket}
         name = provider.name
         until = min(attempt.created_at + timedelta(seconds=provider.settings.deadline_s),
                     self.deadline_of(run))
@@ -205,6 +209,7 @@ class Attempts:
         kind: ErrorKind | None = None,
         http_status: int | None = None,
         retry_after: float | None = None,
+        ticket: int | None = None,
         **extra: Any,
     ) -> None:
         """Record a finished attempt: row, router health, metrics, log."""
@@ -223,7 +228,8 @@ class Attempts:
             setattr(attempt, key, value)
         ok = status == "completed"
         self.router.record(attempt.provider, ok=ok, kind=kind,
-                           latency_s=fields["latency_ms"] / 1000, retry_after_s=retry_after)
+                           latency_s=fields["latency_ms"] / 1000, retry_after_s=retry_after,
+                           ticket=ticket)
         assert attempt.id is not None
         await self.store.update_attempt(attempt.id, **fields)
         metrics.ATTEMPTS.labels(attempt.provider, kind.value if kind else status).inc()

@@ -2,14 +2,19 @@
 
 Opens on `failure_threshold` consecutive failures, or when the error rate over
 the last `window_s` reaches `error_rate_threshold` with at least `min_calls`
-calls. While open the provider gets no traffic; after `cooldown_s` it is
-half-open and lets at most `half_open_probes` requests through at once: one
-success closes it, one failure opens it again. State is per process.
+calls. Outcomes come back out of order (a 5xx in milliseconds, a success after
+the whole job), so a failure streak only counts once every request that
+started before the streak has finished: a burst's fast failures cannot open
+the breaker while its slow successes are still running. While open the provider
+gets no traffic; after `cooldown_s` it is half-open and lets at most
+`half_open_probes` requests through at once: one success closes it, one failure
+opens it again. State is per process.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -48,6 +53,9 @@ class CircuitBreaker:
         self._consecutive = 0
         self._probes = 0
         self._calls: deque[tuple[float, bool]] = deque()
+        self._tickets = itertools.count(1)
+        self._inflight: dict[int, float] = {}  # ticket -> start time
+        self._streak_start: float | None = None  # start of the first failure in the streak
 
     @property
     def state(self) -> BreakerState:
@@ -71,45 +79,59 @@ class CircuitBreaker:
     def consecutive_failures(self) -> int:
         return self._consecutive
 
-    def allow(self) -> bool:
-        """May a request go to this provider now? In half-open this takes a probe
-        slot, which `on_success`, `on_failure` or `on_neutral` gives back."""
+    def allow(self) -> int | None:
+        """A ticket when a request may go to this provider now, else None. Hand
+        the ticket back with the outcome (`on_success`, `on_failure`,
+        `on_neutral`); in half-open it also holds one of the probe slots."""
         if self._state is BreakerState.OPEN:
             if self.retry_in() > 0:
-                return False
+                return None
             self._state, self._probes = BreakerState.HALF_OPEN, 0
         if self._state is BreakerState.HALF_OPEN:
             if self._probes >= self.settings.half_open_probes:
-                return False
+                return None
             self._probes += 1
-        return True
+        ticket = next(self._tickets)
+        self._inflight[ticket] = self._clock()
+        return ticket
 
-    def on_success(self) -> None:
+    def _started(self, ticket: int | None) -> float:
+        started = self._inflight.pop(ticket, None) if ticket is not None else None
+        return self._clock() if started is None else started
+
+    def on_success(self, ticket: int | None = None) -> None:
+        self._started(ticket)
         self._record(True)
-        self._consecutive = 0
+        self._consecutive, self._streak_start = 0, None
         if self._state is BreakerState.HALF_OPEN:
             self._state, self._probes = BreakerState.CLOSED, 0
             self._calls.clear()
 
-    def on_failure(self) -> None:
+    def on_failure(self, ticket: int | None = None) -> None:
+        started = self._started(ticket)
         self._record(False)
         self._consecutive += 1
+        if self._streak_start is None or started < self._streak_start:
+            self._streak_start = started
         if self._state is BreakerState.HALF_OPEN:
             self._open()
             return
         s = self.settings
-        if self._consecutive >= s.failure_threshold or (
+        settled = all(t > self._streak_start for t in self._inflight.values())
+        if (self._consecutive >= s.failure_threshold and settled) or (
             len(self._calls) >= s.min_calls and self.error_rate() >= s.error_rate_threshold
         ):
             self._open()
 
-    def on_neutral(self) -> None:
+    def on_neutral(self, ticket: int | None = None) -> None:
         """An outcome that says nothing about health (client cancel, policy refusal)."""
+        self._started(ticket)
         if self._state is BreakerState.HALF_OPEN and self._probes > 0:
             self._probes -= 1
 
     def _open(self) -> None:
         self._state, self._opened_at, self._probes = BreakerState.OPEN, self._clock(), 0
+        self._streak_start = None
 
     def _record(self, ok: bool) -> None:
         self._calls.append((self._clock(), ok))

@@ -57,18 +57,19 @@ class ProviderHealth:
         """Seconds until this provider could take a request (0: now)."""
         return max(self.rate_limited_for(), self.breaker.retry_in())
 
-    def acquire(self) -> bool:
+    def acquire(self) -> int | None:
+        """A ticket for one attempt now (give it back to `record`), or None."""
         if self.rate_limited_for() > 0:
-            return False
-        allowed = self.breaker.allow()
+            return None
+        ticket = self.breaker.allow()
         self._publish()
-        return allowed
+        return ticket
 
     def record(self, kind: ErrorKind | None, *, ok: bool, latency_s: float | None = None,
-               retry_after_s: float | None = None) -> None:
+               retry_after_s: float | None = None, ticket: int | None = None) -> None:
         """Feed one finished attempt back: `ok` for a completed job, else its kind."""
         if ok:
-            self.breaker.on_success()
+            self.breaker.on_success(ticket)
             if latency_s is not None:
                 self._latencies.append(latency_s)
                 self.latency_ewma_s = (
@@ -78,11 +79,11 @@ class ProviderHealth:
         elif kind is ErrorKind.RATE_LIMITED:
             wait = retry_after_s if retry_after_s is not None else self._default_retry_after
             self._limited_until = max(self._limited_until, self._clock() + wait)
-            self.breaker.on_neutral()
+            self.breaker.on_neutral(ticket)
         elif kind in UNHEALTHY:
-            self.breaker.on_failure()
+            self.breaker.on_failure(ticket)
         else:
-            self.breaker.on_neutral()
+            self.breaker.on_neutral(ticket)
         self._publish()
 
     def latency_percentile(self, pct: float, min_samples: int) -> float | None:

@@ -30,23 +30,30 @@ async def hedged(
     gen: GenerationRequest,
     delay_s: float,
     backups: list[Provider],
+    ticket: int | None = None,
 ) -> Outcome:
     signals = [CancelSignal()]
     tasks: dict[asyncio.Task[Outcome], CancelSignal] = {
-        asyncio.create_task(attempts.run(run, first, gen, signals[0])): signals[0]
+        asyncio.create_task(attempts.run(run, first, gen, signals[0], ticket)): signals[0]
     }
     watcher = asyncio.create_task(_propagate(run.cancel, signals))
     try:
         done, _ = await asyncio.wait(tasks, timeout=delay_s)
         if not done:
-            second = next((p for p in backups if attempts.router.acquire(p.name)), None)
+            second, second_ticket = None, None
+            for backup in backups:
+                second_ticket = attempts.router.acquire(backup.name)
+                if second_ticket is not None:
+                    second = backup
+                    break
             if second is not None:
                 metrics.HEDGES.labels(first.name).inc()
                 log.info("attempt.hedged", prediction_id=run.pred.id, provider=first.name,
                          backup=second.name, after_s=round(delay_s, 3))
                 signal = CancelSignal()
                 signals.append(signal)
-                tasks[asyncio.create_task(attempts.run(run, second, gen, signal))] = signal
+                tasks[asyncio.create_task(
+                    attempts.run(run, second, gen, signal, second_ticket))] = signal
         return await _first_result(attempts, run, tasks)
     finally:
         watcher.cancel()

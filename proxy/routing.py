@@ -152,17 +152,19 @@ class Router:
 
     # ------------------------------------------------------------------ health
 
-    def acquire(self, name: str) -> bool:
+    def acquire(self, name: str) -> int | None:
+        """A ticket when `name` may take an attempt now (pass it to `record`)."""
         return self.health[name].acquire()
 
     def available_in(self, name: str) -> float:
         return self.health[name].available_in()
 
     def record(self, name: str, *, ok: bool, kind: ErrorKind | None = None,
-               latency_s: float | None = None, retry_after_s: float | None = None) -> None:
+               latency_s: float | None = None, retry_after_s: float | None = None,
+               ticket: int | None = None) -> None:
         if name in self.health:
             self.health[name].record(kind, ok=ok, latency_s=latency_s,
-                                     retry_after_s=retry_after_s)
+                                     retry_after_s=retry_after_s, ticket=ticket)
 
     def hedge_delay(self, model: str, name: str) -> float | None:
         """Seconds after which to hedge an attempt on `name`; None: no hedging."""

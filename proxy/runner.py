@@ -113,7 +113,7 @@ class Runner:
                                     exclude=spent)
             if not plan.providers:
                 break
-            provider = next((p for p in plan.providers if self.router.acquire(p.name)), None)
+            provider, ticket = self._acquire(plan.providers)
             if provider is None:  # every candidate is open or rate-limited: wait for one
                 wait = min(self.router.available_in(p.name) for p in plan.providers)
                 if wait >= left:
@@ -127,7 +127,7 @@ class Runner:
                 log.info("prediction.failover", prediction_id=run.pred.id,
                          from_provider=last.provider, to_provider=provider.name,
                          reason=last.kind.value)
-            last = await self._attempt(run, provider, gen, plan)
+            last = await self._attempt(run, provider, gen, plan, ticket)
             if last.ok or not last.retryable:
                 return last
         if last is not None:
@@ -136,13 +136,21 @@ class Runner:
         return Outcome(False, error=f"no provider can serve this request ({why})",
                        kind=ErrorKind.UNAVAILABLE)
 
+    def _acquire(self, providers: list[Provider]) -> tuple[Provider | None, int | None]:
+        """The first provider whose breaker and rate limit let it take an attempt now."""
+        for provider in providers:
+            ticket = self.router.acquire(provider.name)
+            if ticket is not None:
+                return provider, ticket
+        return None, None
+
     async def _attempt(self, run: Run, provider: Provider, gen: GenerationRequest,
-                       plan: Plan) -> Outcome:
+                       plan: Plan, ticket: int | None) -> Outcome:
         delay = self.router.hedge_delay(run.pred.model, provider.name)
         backups = [p for p in plan.providers if p is not provider]
         if delay is None or not backups:
-            return await self.attempts.run(run, provider, gen, run.cancel)
-        return await hedged(self.attempts, run, provider, gen, delay, backups)
+            return await self.attempts.run(run, provider, gen, run.cancel, ticket)
+        return await hedged(self.attempts, run, provider, gen, delay, backups, ticket)
 
     def _health_summary(self, providers: list[Provider]) -> str:
         snap = self.router.snapshot()

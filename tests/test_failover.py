@@ -71,7 +71,7 @@ async def test_breaker_half_opens_after_cooldown_and_closes_on_success(
         assert body["provider"] == "wavespeed"  # the half-open probe went through
         assert wavespeed_sim.stats["submits"] == 3
         models = (await c.get("/v1/models")).json()["data"][0]["providers"]
-        assert {p["name"]: p["health"]["state"] for p in models}["wavespeed"] == "closed"
+        assert {p["name"]: p["health"] for p in models}["wavespeed"]["state"] == "closed"
 
 
 async def test_rate_limited_provider_is_skipped_until_retry_after_then_used_again(

@@ -28,39 +28,63 @@ def breaker(**kw: float) -> tuple[CircuitBreaker, Clock]:
 def test_opens_after_consecutive_failures_then_half_opens_after_cooldown() -> None:
     b, clock = breaker(failure_threshold=3, cooldown_s=10, half_open_probes=1)
     for _ in range(2):
-        assert b.allow()
-        b.on_failure()
+        ticket = b.allow()
+        assert ticket is not None
+        b.on_failure(ticket)
     assert b.state is BreakerState.CLOSED
-    b.on_failure()
-    assert b.state is BreakerState.OPEN and not b.allow()
+    b.on_failure(b.allow())
+    assert b.state is BreakerState.OPEN and b.allow() is None
     assert b.retry_in() == pytest.approx(10)
     clock.now += 9.9
-    assert not b.allow()
+    assert b.allow() is None
     clock.now += 0.2
     assert b.state is BreakerState.HALF_OPEN
-    assert b.allow()  # the one probe
-    assert not b.allow()  # bounded
-    b.on_success()
-    assert b.state is BreakerState.CLOSED and b.allow() and b.allow()
+    probe = b.allow()  # the one probe
+    assert probe is not None
+    assert b.allow() is None  # bounded
+    b.on_success(probe)
+    assert b.state is BreakerState.CLOSED
+    assert b.allow() is not None and b.allow() is not None
+
+
+def test_a_bursts_fast_failures_do_not_open_it_while_its_successes_run() -> None:
+    # 20 requests start together; 5 fail at once (5xx), 15 are still generating.
+    b, clock = breaker(failure_threshold=5)
+    tickets = [b.allow() for _ in range(20)]
+    clock.now += 0.01
+    for ticket in tickets[:5]:
+        b.on_failure(ticket)
+    assert b.state is BreakerState.CLOSED  # earlier-started requests are in flight
+    clock.now += 1
+    for ticket in tickets[5:]:
+        b.on_success(ticket)
+    assert b.state is BreakerState.CLOSED and b.consecutive_failures == 0
+    # A real outage: the in-flight requests fail too, and then it opens.
+    tickets = [b.allow() for _ in range(6)]
+    for ticket in tickets:
+        b.on_failure(ticket)
+    assert b.state is BreakerState.OPEN
 
 
 def test_failed_probe_reopens_and_neutral_outcome_frees_the_slot() -> None:
     b, clock = breaker(failure_threshold=1, cooldown_s=5, half_open_probes=1)
-    b.on_failure()
+    b.on_failure(b.allow())
     clock.now += 5
-    assert b.allow()
-    b.on_neutral()  # e.g. the client canceled: says nothing of health
-    assert b.allow()
-    b.on_failure()
+    probe = b.allow()
+    assert probe is not None
+    b.on_neutral(probe)  # e.g. the client canceled: says nothing of health
+    probe = b.allow()
+    assert probe is not None
+    b.on_failure(probe)
     assert b.state is BreakerState.OPEN and b.retry_in() == pytest.approx(5)
 
 
 def test_success_resets_the_consecutive_count() -> None:
     b, _ = breaker(failure_threshold=3, min_calls=1000)  # error rate out of the picture
     for _ in range(10):
-        b.on_failure()
-        b.on_failure()
-        b.on_success()
+        b.on_failure(b.allow())
+        b.on_failure(b.allow())
+        b.on_success(b.allow())
     assert b.state is BreakerState.CLOSED
 
 
@@ -68,13 +92,13 @@ def test_opens_on_error_rate_over_the_window_and_forgets_old_calls() -> None:
     b, clock = breaker(failure_threshold=100, error_rate_threshold=0.5, min_calls=10,
                        window_s=60)
     for _ in range(4):
-        b.on_failure()
-        b.on_success()
+        b.on_failure(b.allow())
+        b.on_success(b.allow())
     clock.now += 61  # those 8 calls leave the window
     assert b.error_rate() == 0.0
     for _ in range(5):
-        b.on_success()
-        b.on_failure()
+        b.on_success(b.allow())
+        b.on_failure(b.allow())
     assert b.state is BreakerState.OPEN
 
 
@@ -155,11 +179,12 @@ def test_capabilities_filter_first_and_say_why() -> None:
 def test_health_gates_acquire_rate_limits_and_breakers() -> None:
     r = router(breaker={"failure_threshold": 2, "cooldown_s": 60})
     r.record("vibedream", ok=False, kind=ErrorKind.RATE_LIMITED, retry_after_s=30)
-    assert not r.acquire("vibedream") and 29 < r.available_in("vibedream") <= 30
-    r.record("wavespeed", ok=False, kind=ErrorKind.UNAVAILABLE)
-    assert r.acquire("wavespeed")
-    r.record("wavespeed", ok=False, kind=ErrorKind.TIMEOUT)
-    assert not r.acquire("wavespeed")
+    assert r.acquire("vibedream") is None and 29 < r.available_in("vibedream") <= 30
+    r.record("wavespeed", ok=False, kind=ErrorKind.UNAVAILABLE, ticket=r.acquire("wavespeed"))
+    ticket = r.acquire("wavespeed")
+    assert ticket is not None
+    r.record("wavespeed", ok=False, kind=ErrorKind.TIMEOUT, ticket=ticket)
+    assert r.acquire("wavespeed") is None
     assert r.snapshot()["wavespeed"]["state"] == "open"
     # Policy refusals are the request's fault, not the provider's.
     for _ in range(5):
