@@ -88,6 +88,7 @@ def build_client(
         limits=httpx.Limits(
             max_connections=settings.max_connections,
             max_keepalive_connections=settings.max_connections,
+            keepalive_expiry=settings.keepalive_expiry_s,
         ),
         follow_redirects=False,
         transport=transport,
@@ -102,7 +103,8 @@ def build_asset_client(
     return httpx.AsyncClient(
         headers={"User-Agent": "flux-proxy"},
         timeout=httpx.Timeout(settings.download_timeout_s, connect=settings.connect_timeout_s),
-        limits=httpx.Limits(max_connections=settings.max_connections),
+        limits=httpx.Limits(max_connections=settings.max_connections,
+                            keepalive_expiry=settings.keepalive_expiry_s),
         follow_redirects=False,
         transport=transport,
     )

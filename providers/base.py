@@ -278,6 +278,10 @@ class ProviderSettings(BaseModel):
     poll_max_s: float = Field(default=2.0, gt=0)
     poll_multiplier: float = Field(default=1.5, ge=1.0)
     max_connections: int = Field(default=200, ge=1)
+    # Close idle pooled connections well before the upstream does (servers commonly
+    # use 5 s): a submit sent on a connection the server is closing would otherwise
+    # fail after sending, and such an outcome-unknown submit is never repeated.
+    keepalive_expiry_s: float = Field(default=2.0, ge=0)
     # Hosts the proxy downloads outputs from (base64 emulation). "*.x.com" matches subdomains.
     asset_hosts: list[str] = Field(default_factory=list)
     # Let those downloads reach private/loopback addresses (simulators, on-prem hosts).

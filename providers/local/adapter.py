@@ -89,7 +89,8 @@ class LocalProvider:
         self._client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"} if token else {},
             timeout=_http.timeout(settings), transport=transport, follow_redirects=False,
-            limits=httpx.Limits(max_connections=settings.max_connections))
+            limits=httpx.Limits(max_connections=settings.max_connections,
+                                keepalive_expiry=settings.keepalive_expiry_s))
         self._guard = guard or media.OutboundGuard(
             allow_private=settings.allow_private_asset_hosts)
         hosts = [urlsplit(u).netloc for u in settings.worker_urls]
