@@ -464,7 +464,8 @@ class Profiler:
 
 
 async def reset_postgres(url: str, *, force: bool = False) -> None:
-    """Create the benchmark database if missing and drop the proxy's tables in it.
+    """Create the benchmark database if missing and empty its `public` schema (every
+    table any proxy version made there), so migrations start from nothing.
 
     Only a database whose name starts with `flux_bench` is touched (unless `force`),
     so a typo cannot wipe the test database.
@@ -488,7 +489,7 @@ async def reset_postgres(url: str, *, force: bool = False) -> None:
         await admin.close()
     conn = await asyncpg.connect(database=name, timeout=10, **kw)
     try:
-        await conn.execute("DROP TABLE IF EXISTS attempts, predictions, alembic_version CASCADE")
+        await conn.execute("DROP SCHEMA IF EXISTS public CASCADE; CREATE SCHEMA public")
     finally:
         await conn.close()
 
