@@ -2,8 +2,10 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY proxy ./proxy
+COPY common ./common
 COPY providers ./providers
+COPY proxy ./proxy
+COPY worker ./worker
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim

@@ -5,11 +5,11 @@ Processes on 127.0.0.1 (the machine this was written for has 2 cores):
 * the primary, a WaveSpeed simulator: `flux-proxy simulate wavespeed` for the
   ``submit-5xx`` table (its ``error_rate`` knob: that fraction of submits is answered
   HTTP 500); for the ``after-accept`` table, the same simulator app served by
-  ``python -m bench.failover simulator``, where ``error_rate`` instead means "that
+  ``python -m bench.harness.simulators``, where ``error_rate`` instead means "that
   fraction of *accepted* jobs then fail" (WaveSpeed ``data.code`` 5000). The simulator has
   that fault only as all-or-nothing (``fail_after_accept``) or per request (a
   ``[sim:fail-after-accept]`` prompt directive, which the proxy would forward to the
-  secondary too), hence the wrapper;
+  secondary too), hence the variant;
 * the secondary, a healthy VibeDream simulator (`flux-proxy simulate vibedream`);
 * the proxy (`flux-proxy serve`), a fresh process and SQLite file per cell (breaker state
   and metrics are per process), ``routing.order = ["wavespeed", "vibedream"]``;
@@ -52,449 +52,41 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import math
 import os
 import platform
 import re
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-HOST = "127.0.0.1"
-SIM_KEY = "sim-key"
-PRIMARY, SECONDARY = "wavespeed", "vibedream"
-MODES = ("submit-5xx", "after-accept")
-REPO = Path(__file__).resolve().parents[1]
-STARTUP_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
+if not __package__:  # run by path: this checkout's bench/, not one on PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.failover_cells import MODES, PRIMARY, SECONDARY, CellResult, CellSpec, Sample, report
+from bench.harness import simulators
+from bench.harness.cpu import CpuWindow, machine_info, wait_quiet
+from bench.harness.load import LoadResult, close_clients, closed_loop, open_clients
+from bench.harness.procs import HOST, free_port, services, sigterm_raises
+from bench.harness.proxy import admin_client_key, bearer, proxy_config, start_proxy
+from bench.harness.report import csv_list, ms, write_json
+from bench.harness.simulators import Simulator, start_simulator
+
 SYNC_TIMEOUT_S = 60.0
 BREAKER_ON = {"failure_threshold": 5, "error_rate_threshold": 0.5, "window_s": 60.0,
               "min_calls": 20, "cooldown_s": 30.0}  # the proxy's defaults, written out
 BREAKER_OFF = {"failure_threshold": 1_000_000_000, "error_rate_threshold": 1.0,
                "window_s": 60.0, "min_calls": 1_000_000_000, "cooldown_s": 30.0}
+QUIET_SHARE = 0.15  # --wait-quiet: processes not ours under this share of all CPUs
 _FAILOVER_LINE = re.compile(r'^flux_proxy_failovers_total\{(?P<labels>[^}]*)\}\s+(?P<v>\S+)$')
-
-
-# --------------------------------------------------------------------------- results
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of unsorted values; nan when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    mode: str  # "baseline", "secondary-only", or one of MODES
-    rate: float
-    breaker: bool
-
-    @property
-    def label(self) -> str:
-        if self.mode in MODES:
-            return f"{self.mode} {self.rate:.0%} breaker {'on' if self.breaker else 'off'}"
-        return self.mode
-
-
-@dataclass
-class Sample:
-    latency_s: float
-    ok: bool
-    provider: str | None = None
-    attempts: int = 0
-    error: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)  # PHASES -> seconds
-
-
-# Where one prediction's time went, from the response's own timestamps (the first and
-# last attempt; with two attempts, "first attempt" is the failed one):
-PHASES = {
-    "before": "created -> first attempt row",
-    "first": "first attempt (row written -> outcome recorded)",
-    "between": "first attempt recorded -> next attempt row",
-    "last": "last attempt (the one that served it)",
-    "after": "last attempt recorded -> prediction completed",
-    "outside": "client latency minus created -> completed (HTTP, parse, insert, answer)",
-}
-
-
-def _when(value: Any) -> datetime.datetime | None:
-    if not isinstance(value, str):
-        return None
-    with contextlib.suppress(ValueError):
-        return datetime.datetime.fromisoformat(value)
-    return None
-
-
-def phases(data: dict[str, Any], latency_s: float) -> dict[str, float]:
-    """Seconds per PHASES key ({} when a timestamp is missing)."""
-    attempts = [a for a in data.get("attempts") or [] if isinstance(a, dict)]
-    created, completed = _when(data.get("created_at")), _when(data.get("completed_at"))
-    if not attempts or created is None or completed is None:
-        return {}
-    first, last = attempts[0], attempts[-1]
-    marks = [_when(first.get("created_at")), _when(first.get("completed_at")),
-             _when(last.get("created_at")), _when(last.get("completed_at"))]
-    if any(m is None for m in marks):
-        return {}
-    f0, f1, l0, l1 = (m for m in marks if m is not None)
-    out = {"before": f0 - created, "after": completed - l1, "last": l1 - l0}
-    if len(attempts) > 1:
-        out |= {"first": f1 - f0, "between": l0 - f1}
-    result = {k: v.total_seconds() for k, v in out.items()}
-    result["outside"] = latency_s - (completed - created).total_seconds()
-    return result
-
-
-@dataclass
-class CellResult:
-    spec: CellSpec
-    samples: list[Sample] = field(default_factory=list)
-    wall_s: float = 0.0
-    truncated: bool = False
-    sim_stats: dict[str, dict[str, int]] = field(default_factory=dict)
-    failovers: dict[str, float] = field(default_factory=dict)  # reason -> count
-    health: dict[str, dict[str, Any]] = field(default_factory=dict)
-    proxy_cpu_s: float | None = None  # the proxy's CPU over the measured window
-    other_load: float | None = None  # CPU used by processes not ours, share of all CPUs
-
-    @property
-    def n(self) -> int:
-        return len(self.samples)
-
-    @property
-    def failures(self) -> int:
-        return sum(1 for s in self.samples if not s.ok)
-
-    def latencies(self, *, failed_over: bool | None = None) -> list[float]:
-        return [s.latency_s for s in self.samples
-                if s.ok and (failed_over is None or (s.attempts > 1) == failed_over)]
-
-    def p(self, q: float, **kw: Any) -> float:
-        return percentile(self.latencies(**kw), q)
-
-    def phase(self, name: str, q: float = 50, *, failed_over: bool = True) -> float:
-        return percentile([s.phases[name] for s in self.samples
-                           if s.ok and (s.attempts > 1) == failed_over and name in s.phases], q)
-
-    def calls(self, provider: str | None = None) -> int:
-        names = [provider] if provider else list(self.sim_stats)
-        return sum(self.sim_stats.get(n, {}).get("submits", 0)
-                   + self.sim_stats.get(n, {}).get("polls", 0) for n in names)
-
-    def breaker(self, provider: str) -> str:
-        return str(self.health.get(provider, {}).get("state", "?"))
-
-    def summary(self) -> dict[str, Any]:
-        served = Counter(s.provider for s in self.samples if s.ok)
-        errors = Counter(s.error for s in self.samples if not s.ok)
-        return {
-            **asdict(self.spec), "n": self.n, "client_failures": self.failures,
-            "errors": dict(errors), "served_by": dict(served),
-            "failed_over": len(self.latencies(failed_over=True)),
-            "p50_ms": _ms(self.p(50)), "p99_ms": _ms(self.p(99)),
-            "failed_over_p50_ms": _ms(self.p(50, failed_over=True)),
-            "failed_over_p99_ms": _ms(self.p(99, failed_over=True)),
-            "phases_p50_ms": {
-                group: {k: _ms(self.phase(k, failed_over=fo)) for k in PHASES}
-                for group, fo in (("failed_over", True), ("first_attempt_served", False))},
-            "wall_s": round(self.wall_s, 3), "truncated": self.truncated,
-            "proxy_cpu_s": self.proxy_cpu_s, "other_load": self.other_load,
-            "sim_stats": self.sim_stats, "failovers": self.failovers, "health": self.health,
-        }
-
-
-def _ms(seconds: float) -> float | None:
-    return None if math.isnan(seconds) else round(seconds * 1000, 1)
-
-
-def _fmt(seconds: float, *, signed: bool = False) -> str:
-    if math.isnan(seconds):
-        return "-"
-    return f"{seconds * 1000:+.0f}" if signed else f"{seconds * 1000:.0f}"
-
-
-MAIN_HEADERS = ["failure", "rate", "breaker", "n", "client failures", "p50 ms", "p99 ms",
-                "added p50", "added p99", "upstream calls/pred", "failovers",
-                f"breaker {PRIMARY}/{SECONDARY}"]
-DETAIL_HEADERS = ["failure", "rate", "breaker", f"served {PRIMARY}/{SECONDARY}",
-                  "failed over", "failed-over p50", "failed-over p99",
-                  f"{PRIMARY} calls", f"{SECONDARY} submits+polls", "wall s", "pred/s",
-                  "proxy CPU ms/pred", "other load"]
-
-
-def main_cells(r: CellResult, base: CellResult | None) -> list[str]:
-    s = r.spec
-    def added(q: float) -> str:
-        return "-" if base is None or s.mode == "baseline" else _fmt(r.p(q) - base.p(q),
-                                                                     signed=True)
-    return [
-        s.mode, f"{s.rate:.0%}" if s.mode in MODES else "0%",
-        ("on" if s.breaker else "off") if s.mode in MODES else "-",
-        str(r.n) + (" (cut)" if r.truncated else ""), str(r.failures),
-        _fmt(r.p(50)), _fmt(r.p(99)), added(50), added(99),
-        f"{r.calls() / r.n:.2f}" if r.n else "-",
-        f"{sum(r.failovers.values()):.0f}",
-        f"{r.breaker(PRIMARY)}/{r.breaker(SECONDARY)}",
-    ]
-
-
-def detail_cells(r: CellResult) -> list[str]:
-    s = r.spec
-    served = Counter(x.provider for x in r.samples if x.ok)
-    vd = r.sim_stats.get(SECONDARY, {})
-    return [
-        s.mode, f"{s.rate:.0%}" if s.mode in MODES else "0%",
-        ("on" if s.breaker else "off") if s.mode in MODES else "-",
-        f"{served.get(PRIMARY, 0)}/{served.get(SECONDARY, 0)}",
-        str(len(r.latencies(failed_over=True))),
-        _fmt(r.p(50, failed_over=True)), _fmt(r.p(99, failed_over=True)),
-        str(r.calls(PRIMARY)), f"{vd.get('submits', 0)}+{vd.get('polls', 0)}",
-        f"{r.wall_s:.1f}", f"{r.n / r.wall_s:.0f}" if r.wall_s > 0 else "-",
-        f"{r.proxy_cpu_s / r.n * 1000:.1f}" if r.proxy_cpu_s is not None and r.n else "-",
-        f"{r.other_load:.0%}" if r.other_load is not None else "-",
-    ]
-
-
-PHASE_HEADERS = ["failure", "rate", "breaker", "requests", *PHASES, "sum of medians", "client p50"]
-
-
-def phase_rows(r: CellResult) -> list[list[str]]:
-    """Median of each phase: failed-over requests, and (baseline / secondary-only)
-    requests served by their first attempt."""
-    s = r.spec
-    rows = []
-    for failed_over in ((False,) if s.mode not in MODES else (True,)):
-        n = len(r.latencies(failed_over=failed_over))
-        if not n:
-            continue
-        medians = [r.phase(k, failed_over=failed_over) for k in PHASES]
-        total = sum(m for m in medians if not math.isnan(m))
-        rows.append([
-            s.mode, f"{s.rate:.0%}" if s.mode in MODES else "0%",
-            ("on" if s.breaker else "off") if s.mode in MODES else "-",
-            f"{n} {'failed over' if failed_over else 'first attempt'}",
-            *(_fmt(m) for m in medians), _fmt(total),
-            _fmt(r.p(50, failed_over=failed_over)),
-        ])
-    return rows
-
-
-def render(headers: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table."""
-    lines = [headers, *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
-
-    def fmt(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([fmt(headers), rule, *(fmt(row) for row in rows)])
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment minus anything that would configure the proxy behind our back."""
-    prefixes = ("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_", "LOCAL_WORKER")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def _cli() -> list[str]:
-    """How to run `flux-proxy`: the console script beside this interpreter, if any."""
-    script = Path(sys.executable).with_name("flux-proxy")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (Linux /proc; just pid elsewhere)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo and len(out) < 64:
-        current = todo.pop()
-        out.append(current)
-        with contextlib.suppress(OSError, ValueError):
-            children = Path(f"/proc/{current}/task/{current}/children").read_text()
-            todo += [int(c) for c in children.split()]
-    return out
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU of a process tree (None without /proc)."""
-    total, seen = 0, False
-    for p in _tree(pid):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-        seen = True
-    return total / os.sysconf("SC_CLK_TCK") if seen else None
-
-
-def busy_seconds() -> float | None:
-    """CPU time the whole machine spent not idle, summed over CPUs (None without /proc)."""
-    try:
-        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-    busy = sum(values[:8]) - idle  # guest time is already in user
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-class CpuWindow:
-    """The proxy's CPU, and the CPU of processes not ours, over one measured window."""
-
-    def __init__(self, proxy: int, ours: Sequence[int]) -> None:
-        self.proxy, self.ours = proxy, [proxy, *ours, os.getpid()]
-        self.start = self._read()
-
-    def _read(self) -> tuple[float | None, float | None, float | None]:
-        ours = [cpu_seconds(p) for p in self.ours]
-        total = None if None in ours else sum(c for c in ours if c is not None)
-        return cpu_seconds(self.proxy), total, busy_seconds()
-
-    def stop(self, wall_s: float) -> tuple[float | None, float | None]:
-        def delta(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else b - a
-
-        (p0, o0, b0), (p1, o1, b1) = self.start, self._read()
-        ours, busy = delta(o0, o1), delta(b0, b1)
-        other = None
-        if ours is not None and busy is not None and wall_s > 0:
-            other = max(0.0, busy - ours) / (wall_s * (os.cpu_count() or 1))
-        return delta(p0, p1), other
-
-
-def wait_quiet(ours: Sequence[int], max_s: float, threshold: float = 0.15,
-               quiet_s: int = 3) -> float:
-    """Wait (at most `max_s`) until processes not ours have used under `threshold` of
-    the CPUs for `quiet_s` one-second windows in a row; the seconds waited."""
-    t0 = time.monotonic()
-    quiet = 0
-    while quiet < quiet_s and time.monotonic() - t0 < max_s:
-        window = CpuWindow(ours[0], ours[1:])
-        time.sleep(1.0)
-        _, other = window.stop(1.0)
-        if other is None:
-            return 0.0
-        quiet = quiet + 1 if other < threshold else 0
-    return time.monotonic() - t0
-
-
-class Service:
-    """A child process in its own process group, its output in a log file."""
-
-    def __init__(self, name: str, argv: list[str], log: Path,
-                 env: dict[str, str] | None = None) -> None:
-        self.name, self.log = name, log
-        self._fh = log.open("wb")
-        self.proc = subprocess.Popen(argv, env=env or _clean_env(), cwd=REPO, stdout=self._fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def wait_ready(self, url: str, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} not ready at {url} in {timeout_s:.0f}s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGINT to the group, SIGKILL if it is still there after STOP_TIMEOUT_S."""
-        if self.proc.poll() is None:
-            for sig in (signal.SIGINT, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, sig)
-                try:
-                    self.proc.wait(STOP_TIMEOUT_S)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        self._fh.close()
-
-
-class Simulator(Service):
-    def __init__(self, name: str, argv: list[str], port: int, workdir: Path) -> None:
-        super().__init__(name, argv, workdir / f"{name}.log")
-        self.url = f"http://{HOST}:{port}"
-
-    def control(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        if body is None:
-            r = httpx.get(self.url + path, timeout=5.0)
-        else:
-            r = httpx.post(self.url + path, json=body, timeout=5.0)
-        r.raise_for_status()
-        data: dict[str, Any] = r.json()
-        return data
-
-
-def start_simulator(kind: str, job_latency_s: float, workdir: Path, *,
-                    after_accept: bool = False) -> Simulator:
-    port = free_port()
-    common = ["--host", HOST, "--port", str(port), "--job-latency", str(job_latency_s)]
-    if after_accept:
-        argv = [sys.executable, "-m", "bench.failover", "simulator", kind, *common]
-        name = f"{kind}-after-accept"
-    else:
-        argv = [*_cli(), "simulate", kind, *common, "--api-key", SIM_KEY]
-        name = kind
-    sim = Simulator(name, argv, port, workdir)
-    return sim
-
-
-def proxy_toml(port: int, db: Path, primary_url: str, secondary_url: str, *,
-               breaker: bool, order: Sequence[str]) -> str:
-    knobs = BREAKER_ON if breaker else BREAKER_OFF
-    table = "\n".join(f"{k} = {v!r}" for k, v in knobs.items())
-    routing = ", ".join(f'"{name}"' for name in order)
-
-    def provider(name: str, url: str) -> str:
-        return (f'[providers.{name}]\nbase_url = "{url}"\napi_key = "{SIM_KEY}"\n'
-                'poll_initial_s = 0.05\nmax_connections = 100\n')
-
-    return (
-        f'host = "{HOST}"\nport = {port}\ndatabase_url = "sqlite+aiosqlite:///{db}"\n'
-        f'log_level = "warning"\ninstance_id = "bench-failover"\n'
-        f"sync_timeout_s = {SYNC_TIMEOUT_S}\n\n"
-        f"[routing]\norder = [{routing}]\n\n[routing.breaker]\n{table}\n\n"
-        + provider(PRIMARY, primary_url) + "\n" + provider(SECONDARY, secondary_url)
-    )
 
 
 # --------------------------------------------------------------------------- load
@@ -519,43 +111,25 @@ async def _one(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
         data = r.json()
     except ValueError:
         data = None
-    if not isinstance(data, dict):
-        return Sample(elapsed, False, error=f"HTTP {r.status_code} (not a JSON object)")
-    attempts = data.get("attempts") if isinstance(data.get("attempts"), list) else []
-    ok = r.status_code == 200 and data.get("status") == "completed"
-    error = None if ok else (
-        f"HTTP {r.status_code} {data.get('status')} {data.get('error_kind')}")
-    return Sample(elapsed, ok, data.get("provider"), len(attempts or []), error,
-                  phases(data, elapsed) if ok else {})
+    return Sample.from_answer(r.status_code, data, elapsed)
 
 
 async def load(base_url: str, n: int, concurrency: int, request_timeout_s: float,
                time_limit_s: float, *, headers: dict[str, str] | None = None,
-               pin_every: int = 0, offset: int = 0) -> tuple[list[Sample], float, bool]:
-    """`n` sync predictions from `concurrency` closed-loop workers. No new request starts
-    after `time_limit_s`; returns (samples, wall seconds, cut short)."""
-    clients = [httpx.AsyncClient(base_url=base_url, timeout=request_timeout_s, headers=headers,
-                                 limits=httpx.Limits(max_connections=1))
-               for _ in range(max(1, min(concurrency, n)))]
-    samples: list[Sample] = []
-    issued = 0
-    t0 = time.monotonic()
-    stop_at = t0 + time_limit_s
+               pin_every: int = 0, offset: int = 0) -> LoadResult[Sample]:
+    """`n` sync predictions from `concurrency` closed-loop workers (one connection each);
+    no new request starts after `time_limit_s`. `pin_every`: the second request of each
+    group of that many is pinned to the secondary."""
+    clients = open_clients(base_url, max(1, min(concurrency, n)), request_timeout_s, headers)
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal issued
-        while issued < n and time.monotonic() < stop_at:
-            i = issued
-            issued += 1
-            pin = SECONDARY if pin_every and i % pin_every == 1 else None
-            samples.append(await _one(client, _body(offset + i, pin)))
+    def op(client: httpx.AsyncClient, i: int) -> Any:
+        pin = SECONDARY if pin_every and i % pin_every == 1 else None
+        return _one(client, _body(offset + i, pin))
 
     try:
-        await asyncio.gather(*(worker(c) for c in clients))
+        return await closed_loop(op, clients, n, window_s=time_limit_s)
     finally:
-        for client in clients:
-            await client.aclose()
-    return samples, time.monotonic() - t0, issued < n
+        await close_clients(clients)
 
 
 def _failovers(metrics_text: str) -> dict[str, float]:
@@ -567,17 +141,6 @@ def _failovers(metrics_text: str) -> dict[str, float]:
             key = f"{labels.get('from')}->{labels.get('to')} {labels.get('reason')}"
             out[key] = out.get(key, 0.0) + float(m.group("v"))
     return out
-
-
-def client_key(url: str, admin_key: str) -> dict[str, str]:
-    """Headers for /v1: a client key made with the admin key (none where the proxy has
-    no /admin/keys, i.e. predates client keys)."""
-    r = httpx.post(url + "/admin/keys", json={"name": "bench-failover"}, timeout=10,
-                   headers={"Authorization": f"Bearer {admin_key}"})
-    if r.status_code == 404:
-        return {}
-    r.raise_for_status()
-    return {"Authorization": f"Bearer {r.json()['key']}"}
 
 
 def _health(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -599,56 +162,77 @@ class Options:
     wait_quiet_s: float = 0.0
 
 
+def _proxy_config(spec: CellSpec, port: int, db: Path, primary: Simulator,
+                  secondary: Simulator) -> dict[str, Any]:
+    order = [SECONDARY] if spec.mode == "secondary-only" else [PRIMARY, SECONDARY]
+    provider = {"poll_initial_s": 0.05, "max_connections": 100}
+    return proxy_config(
+        port, f"sqlite+aiosqlite:///{db}", instance_id="bench-failover", order=order,
+        sync_timeout_s=SYNC_TIMEOUT_S,
+        routing={"breaker": BREAKER_ON if spec.breaker else BREAKER_OFF},
+        providers={PRIMARY: {"base_url": primary.url, **provider},
+                   SECONDARY: {"base_url": secondary.url, **provider}})
+
+
+def _wait_quiet(watch: dict[str, int], max_s: float) -> None:
+    """Until processes not ours have used under QUIET_SHARE of the CPUs for three
+    one-second windows in a row (at most `max_s`)."""
+    t0 = time.monotonic()
+    wait_quiet(max_s, ours=watch, threshold=QUIET_SHARE * (os.cpu_count() or 1),
+               window_s=1.0, windows=3)
+    waited = time.monotonic() - t0
+    if waited > 5:
+        print(f"  (waited {waited:.0f} s for other processes to quieten)",
+              file=sys.stderr, flush=True)
+
+
 def run_cell(spec: CellSpec, sims: dict[str, Simulator], opts: Options,
              workdir: Path) -> CellResult:
     primary = sims["after-accept" if spec.mode == "after-accept" else PRIMARY]
     secondary = sims[SECONDARY]
     tag = re.sub(r"[^a-z0-9]+", "-", spec.label.lower()).strip("-")
     port = free_port()
-    config = workdir / f"proxy-{tag}.toml"
-    order = [SECONDARY] if spec.mode == "secondary-only" else [PRIMARY, SECONDARY]
-    config.write_text(proxy_toml(port, workdir / f"proxy-{tag}.db", primary.url,
-                                 secondary.url, breaker=spec.breaker, order=order))
+    config = _proxy_config(spec, port, workdir / f"proxy-{tag}.db", primary, secondary)
     admin_key = secrets.token_urlsafe(24)
-    env = _clean_env() | {"FLUX_PROXY_CONFIG": str(config), "FLUX_PROXY_ADMIN_KEY": admin_key}
-    proxy = Service(f"proxy[{tag}]", [*_cli(), "serve"], workdir / f"proxy-{tag}.log", env)
+    proxy, _ = start_proxy(workdir, tag, config, env={"FLUX_PROXY_ADMIN_KEY": admin_key},
+                           ready_path="/readyz")
     url = f"http://{HOST}:{port}"
     result = CellResult(spec)
     try:
-        proxy.wait_ready(url + "/readyz")
-        headers = client_key(url, admin_key)  # auth stays on, as in production
+        # auth stays on, as in production
+        headers = bearer(admin_client_key(url, admin_key, "bench-failover"))
         for sim in (primary, secondary):  # creation config: error_rate 0
             sim.control("/_sim/reset", {})
         if opts.warmup:
             # Half pinned to the secondary, so its connection pool is warm too.
-            warm, _, _ = asyncio.run(load(url, opts.warmup, opts.concurrency,
-                                          opts.request_timeout_s, opts.cell_time_limit_s,
-                                          headers=headers,
-                                          pin_every=2 if len(order) > 1 else 0,
-                                          offset=10_000_000))
-            bad = [s.error for s in warm if not s.ok]
+            warm = asyncio.run(load(url, opts.warmup, opts.concurrency, opts.request_timeout_s,
+                                    opts.cell_time_limit_s, headers=headers,
+                                    pin_every=2 if len(config["routing"]["order"]) > 1 else 0,
+                                    offset=10_000_000))
+            bad = [s.error for s in warm.results if not s.ok]
             if bad:
                 raise RuntimeError(f"warm-up failed at 0% failure: {Counter(bad)}")
+        watch = {"proxy": proxy.pid} | {name: sim.pid for name, sim in sims.items()}
         if opts.wait_quiet_s > 0:
-            waited = wait_quiet([proxy.proc.pid, *(sim.proc.pid for sim in sims.values())],
-                                opts.wait_quiet_s)
-            if waited > 5:
-                print(f"  (waited {waited:.0f} s for other processes to quieten)",
-                      file=sys.stderr, flush=True)
+            _wait_quiet(watch, opts.wait_quiet_s)
         for sim in (primary, secondary):
             sim.control("/_sim/reset", {})  # counters, jobs and fault RNG
-        before = _failovers(httpx.get(url + "/metrics", timeout=10).text)
+        before = _failovers(httpx.get(url + "/metrics", timeout=10, trust_env=False).text)
         if spec.mode in MODES:
             primary.control("/_sim/config", {"error_rate": spec.rate})
-        window = CpuWindow(proxy.proc.pid, [sim.proc.pid for sim in sims.values()])
-        result.samples, result.wall_s, result.truncated = asyncio.run(
-            load(url, opts.requests, opts.concurrency, opts.request_timeout_s,
-                 opts.cell_time_limit_s, headers=headers))
-        result.proxy_cpu_s, result.other_load = window.stop(result.wall_s)
-        models = httpx.get(url + "/v1/models", headers=headers, timeout=10)
+        window = CpuWindow(watch)
+        done = asyncio.run(load(url, opts.requests, opts.concurrency, opts.request_timeout_s,
+                                opts.cell_time_limit_s, headers=headers))
+        cpu = window.stop()
+        result.samples, result.wall_s, result.truncated = done.results, done.wall_s, done.truncated
+        proxy_cpu, other = cpu.trees["proxy"], cpu.other_s
+        result.proxy_cpu_s = None if math.isnan(proxy_cpu) else proxy_cpu
+        if not math.isnan(other) and done.wall_s > 0:
+            result.other_load = other / (done.wall_s * (os.cpu_count() or 1))
+        models = httpx.get(url + "/v1/models", headers=headers, timeout=10, trust_env=False)
         models.raise_for_status()
         result.health = _health(models.json())
-        after = _failovers(httpx.get(url + "/metrics", timeout=10).text)
+        after = _failovers(httpx.get(url + "/metrics", timeout=10, trust_env=False).text)
         result.failovers = {k: v - before.get(k, 0.0) for k, v in after.items()
                             if v - before.get(k, 0.0)}
         result.sim_stats = {PRIMARY: primary.control("/_sim/stats"),
@@ -674,28 +258,13 @@ def plan(args: argparse.Namespace) -> list[CellSpec]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+    info = machine_info()
+    return (f"{info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
             f"{platform.system()} {platform.release()}")
 
 
-def _csv(kind: type, allowed: Sequence[Any] | None = None) -> Any:
-    def parse(text: str) -> list[Any]:
-        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        bad = [v for v in values if allowed is not None and v not in allowed]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"expected a comma list of {allowed}")
-        return values
-    return parse
-
-
 def _on_off(text: str) -> list[bool]:
-    return [v == "on" for v in _csv(str, ("on", "off"))(text)]
+    return [v == "on" for v in csv_list(str, ("on", "off"))(text)]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -704,9 +273,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=1000, help="predictions per cell")
     ap.add_argument("--concurrency", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=None, help="default: --concurrency")
-    ap.add_argument("--rates", type=_csv(float), default=[0.1, 0.5, 1.0],
+    ap.add_argument("--rates", type=csv_list(float, required=True), default=[0.1, 0.5, 1.0],
                     help="primary failure rates (comma list)")
-    ap.add_argument("--modes", type=_csv(str, MODES), default=list(MODES))
+    ap.add_argument("--modes", type=csv_list(str, MODES), default=list(MODES))
     ap.add_argument("--breaker", type=_on_off, default=[True, False], help="on,off")
     ap.add_argument("--job-latency", type=float, default=0.1, help="simulated job seconds")
     ap.add_argument("--no-secondary-reference", dest="secondary_reference",
@@ -739,111 +308,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, workdir: Path) -> list[CellResult]:
     opts = Options(args.requests, args.concurrency, args.warmup, args.job_latency,
                    args.request_timeout, args.cell_time_limit, args.wait_quiet)
-    sims: dict[str, Simulator] = {}
-    try:
-        sims[PRIMARY] = start_simulator(PRIMARY, args.job_latency, workdir)
-        sims[SECONDARY] = start_simulator(SECONDARY, args.job_latency, workdir)
-        if "after-accept" in args.modes:
-            sims["after-accept"] = start_simulator(PRIMARY, args.job_latency, workdir,
-                                                   after_accept=True)
+    kinds = [(PRIMARY, PRIMARY, False), (SECONDARY, SECONDARY, False)]
+    if "after-accept" in args.modes:
+        kinds.append(("after-accept", PRIMARY, True))
+    with services() as started:
+        sims: dict[str, Simulator] = {}
+        for name, kind, after_accept in kinds:  # started together, then waited for
+            sims[name] = start_simulator(kind, args.job_latency, workdir,
+                                         after_accept=after_accept, wait=False)
+            started.append(sims[name])
         for sim in sims.values():
-            sim.wait_ready(sim.url + "/_sim/health")
+            sim.wait_healthy()
         results: list[CellResult] = []
         for spec in plan(args):
             t0 = time.monotonic()
             result = run_cell(spec, sims, opts, workdir)
             results.append(result)
             print(f"  {spec.label}: n={result.n} failures={result.failures} "
-                  f"p50={_fmt(result.p(50))} ms p99={_fmt(result.p(99))} ms "
+                  f"p50={ms(result.p(50), 0)} ms p99={ms(result.p(99), 0)} ms "
                   f"({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
         return results
-    finally:
-        for sim in sims.values():
-            sim.stop()
-
-
-def report(results: list[CellResult]) -> str:
-    base = next((r for r in results if r.spec.mode == "baseline"), None)
-    main_rows = [main_cells(r, base) for r in results]
-    detail_rows = [detail_cells(r) for r in results]
-    errors = [f"- {r.spec.label}: {dict(Counter(s.error for s in r.samples if not s.ok))}"
-              for r in results if r.failures]
-    phase = [row for r in results for row in phase_rows(r)]
-    out = [render(MAIN_HEADERS, main_rows), "", render(DETAIL_HEADERS, detail_rows), "",
-           "Medians (ms) of where the time goes: "
-           + "; ".join(f"{k}: {v}" for k, v in PHASES.items()), "",
-           render(PHASE_HEADERS, phase)]
-    if errors:
-        out += ["", "client-visible failures:", *errors]
-    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["simulator"]:
-        return simulator_main(argv[1:])
+    if argv[:1] == ["simulator"]:  # the after-accept simulator, as it used to be started
+        return simulators.main(argv[1:])
     args = parse_args(argv)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)  # unwinds through every `finally`: children stop
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     started = time.monotonic()
     print(f"# {machine()}", file=sys.stderr)
-    try:
+    # SIGTERM unwinds through every `finally`: the children stop.
+    with sigterm_raises(lambda signum: SystemExit(128 + signum)):
         if args.workdir is not None:
             args.workdir.mkdir(parents=True, exist_ok=True)
             results = run(args, args.workdir.resolve())
         else:
             with tempfile.TemporaryDirectory(prefix="bench-failover-") as tmp:
                 results = run(args, Path(tmp))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(report(results))
     print(f"\n{len(results)} cells, {time.monotonic() - started:.0f} s; "
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {machine()}")
     if args.json is not None:
-        args.json.write_text(json.dumps(
-            {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-             "cells": [r.summary() for r in results]}, indent=2) + "\n")
-    return 0
-
-
-# --------------------------------------------------------------------------- simulator
-
-
-def simulator_main(argv: Sequence[str]) -> int:
-    """`python -m bench.failover simulator KIND --port N`: a simulator whose
-    `error_rate` means "that fraction of accepted jobs then fail" instead of 5xx."""
-    import uvicorn
-
-    from providers.simulators import SimConfig, create_app
-    from providers.simulators.faults import Faults
-    from providers.simulators.jobs import Failure
-
-    class AfterAcceptFaults(Faults):
-        def submit_status(self, d: Any) -> int | None:
-            if d.http_status is not None:
-                return int(d.http_status)
-            if self.chance(self.config.rate_limit) or not self.take_token():
-                return 429
-            return None  # error_rate is spent on accepted jobs instead
-
-        def failure(self, d: Any) -> Failure | None:
-            drawn = super().failure(d)
-            if drawn is None and self.chance(self.config.error_rate):
-                return Failure(self.config.fail_code)
-            return drawn
-
-    ap = argparse.ArgumentParser(prog="python -m bench.failover simulator")
-    ap.add_argument("kind", choices=["wavespeed", "vibedream"])
-    ap.add_argument("--host", default=HOST)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--job-latency", type=float, default=0.1)
-    args = ap.parse_args(argv)
-    app = create_app(args.kind, SimConfig(api_key=SIM_KEY, job_latency_s=args.job_latency))
-    app.faults = AfterAcceptFaults(app.config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+        write_json(args.json, {"machine": machine(),
+                               "args": {k: str(v) for k, v in vars(args).items()},
+                               "cells": [r.summary() for r in results]})
     return 0
 
 

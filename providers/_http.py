@@ -31,10 +31,11 @@ from typing import Any, Literal, NoReturn, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from proxy import media
+from common import media
 
 from .base import (
     AuthFailed,
+    BaseProvider,
     InvalidInput,
     MalformedResponse,
     OutcomeUnknown,
@@ -347,7 +348,7 @@ def safe_text(text: str | None, secret: str | None = None) -> str:
     return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "…"
 
 
-class HTTPProvider:
+class HTTPProvider(BaseProvider):
     """What every HTTP upstream adapter shares: one pooled API client carrying the
     key, a separate key-less client for output downloads, and the output guard."""
 

@@ -330,4 +330,43 @@ class Provider(Protocol):
         asset hosts, bounded in size and time."""
         ...
 
+    def saturated(self) -> bool:
+        """True when this provider's own capacity is full (e.g. every local
+        worker's queue past its threshold): the router tries it last."""
+        ...
+
     async def aclose(self) -> None: ...
+
+
+class BaseProvider:
+    """Defaults for the optional parts of `Provider`: no cancel, never saturated,
+    no downloads, nothing to close. An adapter subclasses this and writes
+    submit, poll and its price."""
+
+    name: str
+    capabilities: Capabilities
+    settings: ProviderSettings
+
+    async def submit(self, req: GenerationRequest) -> UpstreamJob:
+        raise NotImplementedError
+
+    async def poll(self, job: UpstreamJob) -> UpstreamJob:
+        raise NotImplementedError
+
+    async def cancel(self, job: UpstreamJob) -> bool:
+        return False
+
+    def attempt_cost_micro_usd(self, req: GenerationRequest, job: UpstreamJob | None) -> int:
+        if job is not None and job.charged_micro_usd is not None:
+            return job.charged_micro_usd
+        return 0
+
+    async def download(self, url: str) -> tuple[bytes, str | None]:
+        raise MalformedResponse(f"{self.name}: outputs cannot be downloaded from this provider",
+                                provider=self.name)
+
+    def saturated(self) -> bool:
+        return False
+
+    async def aclose(self) -> None:
+        return None

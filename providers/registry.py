@@ -15,14 +15,14 @@ from .base import Provider, ProviderSettings
 if TYPE_CHECKING:
     import httpx
 
-    from proxy.media import OutboundGuard
+    from common.media import OutboundGuard
 
 # kind -> ("module:SettingsClass", "module:ProviderClass")
 PROVIDERS: dict[str, tuple[str, str]] = {
     "vibedream": ("providers.vibedream:VibeDreamSettings", "providers.vibedream:VibeDreamProvider"),
     "wavespeed": ("providers.wavespeed:WaveSpeedSettings", "providers.wavespeed:WaveSpeedProvider"),
     # Our own GPU workers; the adapter imports no torch (only the worker does).
-    "local": ("providers.local.adapter:LocalSettings", "providers.local.adapter:LocalProvider"),
+    "local": ("providers.local:LocalSettings", "providers.local:LocalProvider"),
 }
 
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from proxy import media
+from common import media
 
 from . import _http
 from .base import (

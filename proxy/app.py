@@ -14,22 +14,22 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
+from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
-
-from . import metrics
-from .api.admin import AdminKeysController
-from .api.errors import http_exception_handler, internal_error_handler
-from .api.predictions import PredictionController
-from .api.spend import spend
-from .api.system import healthz, list_models, readyz
-from .auth import Auth
-from .config import Settings
-from .instrumented import InstrumentedProvider
-from .logging import configure_logging, get_logger, register_secrets
-from .routing import Router
-from .service import PredictionService
-from .store.repo import Store
+from proxy import metrics
+from proxy.accounts.auth import Auth
+from proxy.api.admin import AdminKeysController
+from proxy.api.deps import DEPENDENCIES
+from proxy.api.errors import http_exception_handler, internal_error_handler
+from proxy.api.predictions import PredictionController
+from proxy.api.spend import spend
+from proxy.api.system import healthz, list_models, readyz
+from proxy.config import Settings
+from proxy.lifecycle.service import PredictionService
+from proxy.routing import Router
+from proxy.routing.instrumented import InstrumentedProvider
+from proxy.store.repo import Store
 
 log = get_logger("flux_proxy.app")
 
@@ -123,11 +123,12 @@ def create_app(
         lifespan=[lifespan],
         middleware=[prometheus.middleware],
         exception_handlers=handlers,
+        dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="flux-proxy", version="0.1.0", path="/schema"),
         compression_config=CompressionConfig(backend="gzip", minimum_size=4096),
         debug=False,
-        logging_config=None,  # ours (proxy/logging.py) renders every line, library ones too
+        logging_config=None,  # ours (common/logging.py) renders every line, library ones too
     )
     app.state.settings = settings
     return app

@@ -1,4 +1,10 @@
-"""`flux-proxy serve | db upgrade | simulate ...`"""
+"""`flux-proxy serve | db upgrade | keys ... | spend | worker | simulate ...`
+
+`keys`, `spend` and `db` resolve settings exactly as `serve` does and say on
+stderr which database they use; `keys` and `spend` never create one. With
+`--url` (and the admin key) `keys` and `spend` use a running proxy's admin and
+spend API over HTTP instead.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
-    from .auth import Auth
-    from .config import Settings
-    from .store.repo import Store
+    from proxy.accounts.auth import Auth
+    from proxy.accounts.spend_report import Report
+    from proxy.config import Settings
+    from proxy.store.repo import Store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,13 +29,21 @@ def main() -> None:
 
 
 def _settings(**overrides: Any) -> Settings:
+    """Settings as `serve` resolves them (environment, FLUX_PROXY_CONFIG's file,
+    defaults); a configuration error ends the command with status 2."""
     from pydantic import ValidationError
 
-    from .config import Settings
+    from proxy.config import Settings
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except (ValidationError, ValueError) as exc:
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(map(str, e["loc"]))
+            message = e["msg"].removeprefix("Value error, ")
+            click.echo(f"configuration error: {where + ': ' if where else ''}{message}", err=True)
+        sys.exit(2)
+    except ValueError as exc:
         click.echo(f"configuration error: {exc}", err=True)
         sys.exit(2)
 
@@ -42,7 +57,7 @@ def serve(host: str | None, port: int | None, log_level: str | None) -> None:
     """Apply migrations and serve the proxy."""
     import uvicorn
 
-    from .app import create_app
+    from proxy.app import create_app
 
     settings = _settings(host=host, port=port, log_level=log_level)
     app = create_app(settings)
@@ -57,10 +72,11 @@ def db() -> None:
 
 @db.command("upgrade")
 def db_upgrade() -> None:
-    """Apply Alembic migrations to FLUX_PROXY_DATABASE_URL."""
-    from .store.repo import Store
+    """Apply Alembic migrations to the configured database (creating a SQLite file)."""
+    from proxy.store.repo import Store
 
     settings = _settings()
+    _which_database(settings, create=True)
 
     async def run() -> None:
         store = Store(settings.database_url)
@@ -69,15 +85,59 @@ def db_upgrade() -> None:
         finally:
             await store.dispose()
 
-    asyncio.run(run())
+    _run_async(run())
     click.echo("database is at the latest revision")
 
 
+def _which_database(settings: Settings, *, create: bool) -> None:
+    """Say on stderr which database this command uses (password masked). Without
+    `create`, refuse a SQLite file that does not exist rather than make a new one."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    from proxy.config import CONFIG_VARIABLE, setting_source
+    from proxy.store.db import normalize_url
+
+    try:
+        url = make_url(normalize_url(settings.database_url))
+    except ValueError as exc:
+        click.echo(f"configuration error: database_url: {exc}", err=True)
+        sys.exit(2)
+    source = setting_source("database_url")
+    source = "the default" if source == "default" else source
+    path = url.database or ""
+    if url.get_backend_name() == "sqlite" and path not in ("", ":memory:") \
+            and not path.startswith("file:"):
+        file = Path(path).expanduser().absolute()
+        url = url.set(database=str(file))
+        if not create and not file.exists():
+            raise click.ClickException(
+                f"no database at {file} (database_url {settings.database_url!r} from {source}"
+                f"{'' if Path(path).is_absolute() else ', relative to the current folder'}). Point "
+                f"FLUX_PROXY_DATABASE_URL (or database_url in the {CONFIG_VARIABLE} file) at the "
+                "proxy's database, or use --url with the admin key to ask a running proxy; "
+                "`flux-proxy db upgrade` creates a new database.")
+    click.echo(f"database: {url.render_as_string(hide_password=True)} (from {source})", err=True)
+
+
+def _run_async(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work`; a database that cannot be reached ends the command with its reason."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        asyncio.run(work)
+    except (OSError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise click.ClickException(f"database error: {reason}") from None
+
+
 def _run_with_store(fn: Callable[[Store, Settings], Awaitable[None]]) -> None:
-    """Run `fn` against the configured database (migrated first)."""
-    from .store.repo import Store
+    """Run `fn` against the configured database (migrated first); never creates one."""
+    from proxy.store.repo import Store
 
     settings = _settings()
+    _which_database(settings, create=False)
 
     async def run() -> None:
         store = Store(settings.database_url)
@@ -87,14 +147,81 @@ def _run_with_store(fn: Callable[[Store, Settings], Awaitable[None]]) -> None:
         finally:
             await store.dispose()
 
-    asyncio.run(run())
+    _run_async(run())
 
 
 def _auth(store: Store, settings: Settings) -> Auth:
-    from .auth import Auth
+    from proxy.accounts.auth import Auth
 
     secret = settings.key_secret.get_secret_value() if settings.key_secret else None
     return Auth(store, enabled=True, admin_key=None, key_secret=secret)
+
+
+# --------------------------------------------------------------------------- --url: the admin API
+
+
+def _remote_options(fn: Callable[..., None]) -> Callable[..., None]:
+    fn = click.option(
+        "--admin-key", default=None, metavar="KEY",
+        help="The proxy's admin key for --url (default: FLUX_PROXY_ADMIN_KEY, or admin_key "
+             "in the FLUX_PROXY_CONFIG file; prefer those: arguments show in `ps`).")(fn)
+    return click.option(
+        "--url", default=None, metavar="URL",
+        help="A running proxy (e.g. http://127.0.0.1:8080): use its admin API, not the "
+             "database.")(fn)
+
+
+class _Proxy:
+    """The admin and spend API of a running proxy, over HTTP."""
+
+    def __init__(self, url: str, admin_key: str | None) -> None:
+        import httpx
+
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(f"{url!r} is not an http(s) URL", param_hint="--url")
+        if admin_key is None:
+            settings = _settings()
+            admin_key = settings.admin_key.get_secret_value() if settings.admin_key else None
+        if not admin_key:
+            raise click.UsageError("--url needs the admin key: --admin-key or "
+                                   "FLUX_PROXY_ADMIN_KEY")
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url, timeout=30.0,
+                                    headers={"Authorization": f"Bearer {admin_key}"})
+        click.echo(f"proxy: {self.url} (admin API)", err=True)
+
+    def call(self, method: str, path: str, *, ok: int = 200, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            r = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"cannot reach the proxy at {self.url}: "
+                                       f"{exc or type(exc).__name__}") from None
+        if r.status_code != ok:
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = r.text[:200] or r.reason_phrase
+            hint = " (check --admin-key / FLUX_PROXY_ADMIN_KEY)" if r.status_code in (401, 403) \
+                else ""
+            raise click.ClickException(f"{method} {self.url}{path}: {r.status_code} "
+                                       f"{message}{hint}")
+        return r.text if r.headers.get("content-type", "").startswith("text/") else r.json()
+
+
+def _print_keys(rows: list[dict[str, Any]]) -> None:
+    cols = ("id", "name", "prefix", "budget_usd", "period", "rate_per_s", "revoked_at")
+    table = [cols, *[tuple("" if r[c] is None else str(r[c]) for c in cols) for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _created(name: str, key_id: str, key: str) -> None:
+    click.echo(f"created {name} ({key_id})")
+    click.echo(f"key: {key}")
+    click.echo("store it now: it is not shown again", err=True)
 
 
 @main.group()
@@ -110,13 +237,15 @@ def keys() -> None:
 @click.option("--rate", default=None, help="Request rate limit, e.g. 10/s or 600/m.")
 @click.option("--burst", type=int, default=None, help="Requests allowed at once (default: rate).")
 @click.option("--meta", multiple=True, help="key=value metadata (team, app); repeatable.")
+@_remote_options
 def keys_create(name: str, budget_usd: str | None, period: str | None, rate: str | None,
-                burst: int | None, meta: tuple[str, ...]) -> None:
+                burst: int | None, meta: tuple[str, ...], url: str | None,
+                admin_key: str | None) -> None:
     """Create a key and print it (once)."""
     from pydantic import ValidationError
 
-    from .keyspec import KeySpec
-    from .store.keys import DuplicateKeyName
+    from proxy.accounts.keyspec import KeySpec
+    from proxy.store.keys import DuplicateKeyName
 
     bad = [m for m in meta if "=" not in m]
     if bad:
@@ -131,38 +260,51 @@ def keys_create(name: str, budget_usd: str | None, period: str | None, rate: str
             for e in exc.errors())
         raise click.UsageError(problems) from None
 
+    if url is not None:
+        made = _Proxy(url, admin_key).call(
+            "POST", "/admin/keys", ok=201, json=spec.model_dump(mode="json", exclude_none=True))
+        _created(made["name"], made["id"], made["key"])
+        return
+
     async def create(store: Store, settings: Settings) -> None:
+        auth = _auth(store, settings)
         try:
-            key, row = await _auth(store, settings).create(spec.name, **spec.fields())
+            key, row = await auth.create(spec.name, **spec.fields())
         except DuplicateKeyName as exc:
             raise click.ClickException(str(exc)) from None
-        click.echo(f"created {row.name} ({row.id})")
-        click.echo(f"key: {key}")
-        click.echo("store it now: it is not shown again", err=True)
+        click.echo(f"key hash secret: {auth.secret_source}", err=True)
+        _created(row.name, row.id, key)
 
     _run_with_store(create)
 
 
 @keys.command("list")
-def keys_list() -> None:
+@_remote_options
+def keys_list(url: str | None, admin_key: str | None) -> None:
     """List keys (never their secrets)."""
-    from .keyspec import key_view
+    from proxy.accounts.keyspec import key_view
+
+    if url is not None:
+        _print_keys(_Proxy(url, admin_key).call("GET", "/admin/keys")["data"])
+        return
 
     async def show(store: Store, settings: Settings) -> None:
-        rows = [key_view(k) for k in await store.list_keys()]
-        cols = ("id", "name", "prefix", "budget_usd", "period", "rate_per_s", "revoked_at")
-        table = [cols, *[tuple("" if r[c] is None else str(r[c]) for c in cols) for r in rows]]
-        widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-        for line in table:
-            click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+        _print_keys([key_view(k) for k in await store.list_keys()])
 
     _run_with_store(show)
 
 
 @keys.command("revoke")
 @click.argument("key")
-def keys_revoke(key: str) -> None:
+@_remote_options
+def keys_revoke(key: str, url: str | None, admin_key: str | None) -> None:
     """Revoke a key by id or name (effective at once here, within seconds elsewhere)."""
+    from urllib.parse import quote
+
+    if url is not None:
+        row = _Proxy(url, admin_key).call("POST", f"/admin/keys/{quote(key, safe='')}/revoke")
+        click.echo(f"revoked {row['name']} ({row['id']})")
+        return
 
     async def revoke(store: Store, settings: Settings) -> None:
         row = await store.find_key(key)
@@ -180,17 +322,27 @@ def keys_revoke(key: str) -> None:
               default="provider", show_default=True)
 @click.option("--from", "since", default=None, help="ISO date or datetime (inclusive, UTC).")
 @click.option("--to", "until", default=None, help="ISO date or datetime (exclusive, UTC).")
-@click.option("--key", default=None, help="Only this key (id or name).")
+@click.option("--key", default=None, help="Only this key (id or name; not with --url).")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV instead of a table.")
+@_remote_options
 def spend(group_by: str, since: str | None, until: str | None, key: str | None,
-          as_csv: bool) -> None:
+          as_csv: bool, url: str | None, admin_key: str | None) -> None:
     """Spend totals from the attempt records: cost, images, predictions, failed attempts."""
-    from .spend_report import build_report, parse_bound
+    from proxy.accounts.spend_report import build_report, parse_bound
 
     try:
         start, end = parse_bound(since, "--from"), parse_bound(until, "--to")
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+    if url is not None:
+        if key is not None:  # GET /v1/spend has no key filter; the admin sees all keys
+            raise click.UsageError("--key cannot be used with --url (try --group-by key)")
+        params = {"group_by": group_by, "format": "csv" if as_csv else "json",
+                  **{k: v for k, v in (("from", since), ("to", until)) if v}}
+        answer = _Proxy(url, admin_key).call("GET", "/v1/spend", params=params)
+        click.echo(answer if as_csv else _report_of(answer).to_table(), nl=not as_csv)
+        return
 
     async def report(store: Store, settings: Settings) -> None:
         key_id = None
@@ -204,6 +356,25 @@ def spend(group_by: str, since: str | None, until: str | None, key: str | None,
         click.echo(rep.to_csv() if as_csv else rep.to_table(), nl=not as_csv)
 
     _run_with_store(report)
+
+
+def _report_of(body: dict[str, Any]) -> Report:
+    """The report /v1/spend answered as JSON, to print as `spend` prints its own."""
+    from datetime import datetime
+
+    from proxy.accounts.spend_report import Report
+    from proxy.store.spend import SpendRow
+
+    def row(d: dict[str, Any], group: str | None) -> SpendRow:
+        return SpendRow(group, d["cost_micro_usd"], d["images"], d["predictions"],
+                        d["attempts"], d["failed_attempts"])
+
+    by_key = body["group_by"] == "key"
+    rows = [row(d, d.get("key_id") if by_key else d["group"]) for d in body["data"]]
+    names = {d["key_id"]: d["group"] for d in body["data"] if by_key and d.get("key_id")}
+    bound = {k: datetime.fromisoformat(body[k]) if body.get(k) else None for k in ("from", "to")}
+    return Report(body["group_by"], bound["from"], bound["to"], rows, row(body["total"], None),
+                  names)
 
 
 @main.command()
@@ -221,8 +392,8 @@ def spend(group_by: str, since: str | None, until: str | None, key: str | None,
 def worker(**options: Any) -> None:
     """Serve FLUX.1 [dev] on this machine's GPU (needs `pip install .[local]`)."""
     try:
-        from providers.local.worker.main import serve as serve_worker
-        from providers.local.worker.settings import WorkerConfigError, WorkerSettings
+        from worker.main import serve as serve_worker
+        from worker.settings import WorkerConfigError, WorkerSettings
     except ImportError as exc:
         raise click.ClickException(
             f"the worker needs the ML extra: pip install '.[local]' ({exc})") from None

@@ -15,9 +15,20 @@ from typing import Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common import media
 from providers.base import GenerationRequest
 
 MIN_SIDE, MAX_SIDE = 256, 1536
+# Request images (`image`, `mask_image`); the checks are in proxy/api/inputs.py.
+IMAGE_MIN_SIDE, IMAGE_MAX_SIDE = 64, 4096
+IMAGE_MAX_PIXELS = 4096 * 4096  # 16,777,216: decoded, ~64 MiB as RGBA
+IMAGE_MAX_BYTES = 12 * 1024 * 1024  # decoded bytes of one data URI (the body cap is 16 MiB)
+IMAGE_URL_MAX_CHARS = 4096
+IMAGE_FIELDS = ("image", "mask_image")
+IMAGE_SIZE_RANGE = (
+    f"each side {IMAGE_MIN_SIDE}..{IMAGE_MAX_SIDE} pixels, "
+    f"at most {IMAGE_MAX_PIXELS} pixels in all"
+)
 MAX_SEED = 2_147_483_647
 MAX_PROMPT_CHARS = 20_000
 _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[*xX]\s*(\d{2,5})\s*$")
@@ -26,8 +37,15 @@ _SIZE_RE = re.compile(r"^\s*(\d{2,5})\s*[*xX]\s*(\d{2,5})\s*$")
 ALLOWED: dict[str, str] = {
     "model": "a model listed by GET /v1/models",
     "prompt": f"a non-empty string of at most {MAX_PROMPT_CHARS} characters",
-    "image": "an http(s) URL or a data:image/...;base64 URI",
-    "mask_image": "an http(s) URL or a data:image/...;base64 URI, together with image",
+    "image": (
+        "an http(s) URL of a public host (no user:password@, no private, loopback, "
+        "link-local or reserved address), or a data:image/<jpeg|png|gif|webp>;base64 URI "
+        f"of a complete image ({IMAGE_SIZE_RANGE}, at most {IMAGE_MAX_BYTES} bytes)"
+    ),
+    "mask_image": (
+        "the same as image, sent together with image; when both are data URIs, "
+        "of the same width and height"
+    ),
     "strength": "a number from 0 to 1",
     "size": f"'W*H' (or 'WxH'), each side {MIN_SIDE}..{MAX_SIDE}",
     "num_inference_steps": "an integer from 1 to 50",
@@ -52,16 +70,41 @@ def parse_size(value: str) -> tuple[int, int]:
     return w, h
 
 
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
 def _check_image_ref(value: str | None) -> str | None:
+    """The shape of an image reference; no decoding, no DNS. The content (real
+    image, limits, address policy) is checked by proxy/api/inputs.py."""
     if value is None or value == "":  # WaveSpeed's own example sends "image": ""
         return None
-    if value.startswith("data:"):
-        if not re.match(r"^data:image/[a-zA-Z0-9.+-]+;base64,", value):
-            raise ValueError("data URI must be data:image/<type>;base64,...")
+    if value[:5].lower() == "data:":
+        comma = value.find(",", 0, 256)
+        params = [p.strip().lower() for p in value[5:comma].split(";")] if comma > 0 else []
+        if len(params) < 2 or params[-1] != "base64":
+            raise ValueError("data URI must look like data:image/png;base64,<payload>")
+        if media.format_for_mime(params[0]) is None:
+            raise ValueError(
+                f"data URI type {params[0][:64]!r} is not accepted: send image/jpeg, "
+                "image/png, image/gif or image/webp (SVG and other types are refused)"
+            )
         return value
-    if re.match(r"^https?://[^/\s]+", value):
-        return value
-    raise ValueError("must be an http(s) URL or a data:image URI")
+    if len(value) > IMAGE_URL_MAX_CHARS:
+        raise ValueError(f"URL is longer than {IMAGE_URL_MAX_CHARS} characters")
+    if not re.match(r"^https?://", value, re.IGNORECASE):
+        raise ValueError("must be an http(s) URL or a data:image URI")
+    try:
+        media.parse_http_url(value)
+    except media.MediaError as exc:
+        raise ValueError(exc.reason) from exc
+    return value
+
+
+def redact_image_ref(value: Any) -> Any:
+    """An image value as it may be echoed back: credentials in a URL masked."""
+    if isinstance(value, str) and value[:5].lower() != "data:":
+        return _URL_USERINFO.sub(r"\1***@", value, count=1)
+    return value
 
 
 class GenerateRequest(BaseModel):
@@ -174,7 +217,10 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
         if err["type"] == "extra_forbidden":
             reason = "unknown field"
         top = loc[0] if loc else ""
-        value = _preview(err.get("input")) if loc else None
+        value = err.get("input")
+        if top in IMAGE_FIELDS:
+            pass
+        value = _preview(value) if loc else None
         if not loc and "mask_image" in reason:
             name, top = "mask_image", "mask_image"
         out.append(FieldError(field=name, reason=reason, value=value, allowed=ALLOWED.get(top)))

@@ -14,15 +14,32 @@ from litestar.testing import AsyncTestClient
 
 from providers.simulators import SimConfig, SimulatorServer
 from proxy.app import create_app
-from proxy.config import Settings
+from proxy.config import TEST_RUN_VARIABLES, Settings
+
+# TEST_RUN_VARIABLES steer the test run itself, not the proxy under test (the
+# proxy allows them too; they are defined once, in proxy/config.py).
 
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never reach a real upstream: no provider key or config leaks in."""
     for name in list(os.environ):
+        if name in TEST_RUN_VARIABLES:
+            continue
         if name.startswith(("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_", "LOCAL_WORKER")):
             monkeypatch.delenv(name, raising=False)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """One sample's value from a /metrics page (0.0 when it is not there yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
 
 
 @pytest.fixture

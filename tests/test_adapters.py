@@ -23,6 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from common.media import OutboundGuard
 from providers.base import (
     AuthFailed,
     ErrorKind,
@@ -42,7 +43,6 @@ from providers.registry import build_provider, settings_class
 from providers.simulators import SimConfig, SimulatorServer
 from providers.vibedream import VibeDreamProvider, VibeDreamSettings
 from providers.wavespeed import WaveSpeedProvider, WaveSpeedSettings
-from proxy.media import OutboundGuard
 
 KEY = "sk-live-TOPSECRET-0123456789"
 WRONG_KEY = "sk-live-WRONGKEY-9876543210"

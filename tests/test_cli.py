@@ -1,4 +1,5 @@
-"""The console script: serve's config errors, db upgrade, simulate."""
+"""The console script: serve's config errors, db upgrade, keys and spend (on the
+database serve uses, or over a running proxy's admin API), simulate."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+import uvicorn
+
+from proxy.app import create_app
+from proxy.config import Settings
+
+from .conftest import running_proxy
 
 CLI = [sys.executable, "-m", "proxy.cli"]
 
@@ -87,6 +98,7 @@ def test_keys_create_list_revoke_and_spend(tmp_path: Path) -> None:
         return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
                               timeout=60)
 
+    assert cli("db", "upgrade").returncode == 0  # keys and spend never create a database
     made = cli("keys", "create", "--name", "app-a", "--budget-usd", "50", "--period", "month",
                "--rate", "10/s", "--meta", "team=growth")
     assert made.returncode == 0, made.stderr
@@ -111,3 +123,154 @@ def test_keys_create_list_revoke_and_spend(tmp_path: Path) -> None:
     as_csv = cli("spend", "--csv", "--from", "2026-01-01")
     assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
     assert cli("spend", "--from", "soon").returncode == 2
+
+
+def _key_of(out: str) -> str:
+    return next(line.split()[1] for line in out.splitlines() if line.startswith("key:"))
+
+
+def test_serve_refuses_an_unknown_variable_naming_it(tmp_path: Path) -> None:
+    r = subprocess.run([*CLI, "serve"], env=_env(FLUX_PROXY_PROT="9000"), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("configuration error: unknown setting FLUX_PROXY_PROT in the "
+                                "environment; did you mean FLUX_PROXY_PORT?")
+    # the other commands resolve settings the same way
+    keys = subprocess.run([*CLI, "keys", "list"], env=_env(FLUX_PROXY_PROT="9000"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert keys.returncode == 2 and "FLUX_PROXY_PROT" in keys.stderr
+
+
+def test_keys_and_spend_never_create_a_database(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for args in (["keys", "create", "--name", "a"], ["keys", "list"], ["spend"]):
+        r = subprocess.run([*CLI, *args], env=_env(), cwd=elsewhere, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        assert f"no database at {elsewhere / 'flux-proxy.db'}" in r.stderr
+        assert "FLUX_PROXY_DATABASE_URL" in r.stderr and "--url" in r.stderr
+        assert "key:" not in r.stdout
+    assert list(elsewhere.iterdir()) == []
+
+
+async def test_the_cli_uses_the_database_serve_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same FLUX_PROXY_CONFIG file, read from another folder: the key it prints works."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    db = home / "proxy.db"
+    cfg = home / "flux.toml"
+    cfg.write_text(f'database_url = "sqlite+aiosqlite:///{db}"\ninstance_id = "t"\n')
+    env = _env(FLUX_PROXY_CONFIG=str(cfg), FLUX_PROXY_ADMIN_KEY="adm-9f")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *args], env=env, cwd=elsewhere, capture_output=True,
+                              text=True, timeout=60)
+
+    up = cli("db", "upgrade")
+    assert up.returncode == 0, up.stderr
+    assert f"database: sqlite+aiosqlite:///{db} (from {cfg})" in up.stderr
+    made = cli("keys", "create", "--name", "app-a")
+    assert made.returncode == 0, made.stderr
+    assert f"database: sqlite+aiosqlite:///{db} (from {cfg})" in made.stderr
+    key = _key_of(made.stdout)
+    assert list(elsewhere.iterdir()) == []
+
+    monkeypatch.setenv("FLUX_PROXY_CONFIG", str(cfg))  # as `serve` would start
+    async with running_proxy(Settings()) as client:
+        ok = await client.get("/v1/predictions", headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200, ok.text
+        bad = await client.get("/v1/predictions", headers={"Authorization": "Bearer fpk_nope"})
+        assert bad.status_code == 401
+
+
+def test_the_database_url_is_printed_with_the_password_masked(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [*CLI, "keys", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env=_env(FLUX_PROXY_DATABASE_URL="postgresql://flux:hunter2@127.0.0.1:1/flux"))
+    assert r.returncode == 1  # nothing listens on port 1
+    assert ("database: postgresql+asyncpg://flux:***@127.0.0.1:1/flux "
+            "(from FLUX_PROXY_DATABASE_URL)") in r.stderr
+    assert "hunter2" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The proxy app under a real uvicorn, on a loopback port of its own."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def test_keys_and_spend_over_the_admin_api(tmp_path: Path) -> None:
+    admin = "adm-41c2"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'proxy.db'}",
+                        admin_key=admin, instance_id="t")
+    nowhere = tmp_path / "client"  # no database here, none configured: only the API is used
+    nowhere.mkdir()
+    with serving(settings) as url:
+        def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, *args], env=_env(**env), cwd=nowhere,
+                                  capture_output=True, text=True, timeout=60)
+
+        made = cli("keys", "create", "--name", "app-a", "--budget-usd", "50", "--rate", "10/s",
+                   "--meta", "team=growth", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
+        assert made.returncode == 0, made.stderr
+        assert made.stdout.startswith("created app-a (key_")
+        assert f"proxy: {url} (admin API)" in made.stderr and "database:" not in made.stderr
+        key = _key_of(made.stdout)
+        assert httpx.get(f"{url}/v1/predictions",
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+        again = cli("keys", "create", "--name", "app-a", "--url", url, "--admin-key", admin)
+        assert again.returncode == 1 and "409" in again.stderr and "app-a" in again.stderr
+
+        listed = cli("keys", "list", "--url", url, "--admin-key", admin)
+        assert listed.returncode == 0, listed.stderr
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["id", "name", "prefix", "budget_usd", "period", "rate_per_s",
+                                  "revoked_at"]
+        assert row.split()[1:] == ["app-a", key[:12], "50.000000", "month", "10.0"]
+        assert key not in listed.stdout
+
+        revoked = cli("keys", "revoke", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
+        assert revoked.returncode == 0 and revoked.stdout.startswith("revoked app-a (key_")
+        assert httpx.get(f"{url}/v1/predictions",
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        twice = cli("keys", "revoke", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
+        assert twice.returncode == 1 and "already revoked" in twice.stderr
+
+        table = cli("spend", "--group-by", "key", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split()[:2] == ["group", "cost_usd"]
+        assert table.stdout.splitlines()[-1].split()[:2] == ["TOTAL", "0.000000"]
+        as_csv = cli("spend", "--csv", "--from", "2026-01-01", "--url", url,
+                     FLUX_PROXY_ADMIN_KEY=admin)
+        assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
+
+        wrong = cli("keys", "list", "--url", url, "--admin-key", "not-it")
+        assert wrong.returncode == 1 and "403" in wrong.stderr and "--admin-key" in wrong.stderr
+        missing = cli("keys", "list", "--url", url)
+        assert missing.returncode == 2 and "admin key" in missing.stderr
+        by_key = cli("spend", "--key", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
+        assert by_key.returncode == 2 and "--key" in by_key.stderr
+    assert list(nowhere.iterdir()) == []
+    down = subprocess.run([*CLI, "keys", "list", "--url", url, "--admin-key", admin],
+                          env=_env(), cwd=nowhere, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 1 and "cannot reach the proxy" in down.stderr

@@ -13,7 +13,7 @@ from PIL import Image
 
 from providers.simulators import SimulatorServer
 
-from .conftest import make_settings, running_proxy, wait_for, wait_terminal
+from .conftest import make_settings, metric_value, running_proxy, wait_for, wait_terminal
 
 PROMPT = "a lighthouse at dusk"
 
@@ -321,11 +321,14 @@ async def test_models_health_metrics_and_openapi(tmp_path: Path,
         ready = await c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["database"] == "ok"
 
+        finished = {"model": "flux-dev", "provider": "vibedream", "status": "completed"}
+        before = metric_value((await c.get("/metrics")).text, "flux_proxy_predictions_total",
+                              **finished)
         await c.post("/v1/predictions", json={"prompt": PROMPT, "size": "512*512",
                                               "enable_sync_mode": True})
         text = (await c.get("/metrics")).text
-        assert 'flux_proxy_predictions_total{model="flux-dev",provider="vibedream",' \
-               'status="completed"}' in text
+        # Exactly one more completed prediction (the counters are process-wide).
+        assert metric_value(text, "flux_proxy_predictions_total", **finished) == before + 1
         assert "flux_proxy_upstream_request_duration_seconds_bucket" in text
         assert "flux_proxy_http_requests_total" in text
 

@@ -25,8 +25,9 @@ from providers.simulators import SimulatorServer
 
 from .conftest import make_settings, running_proxy, wait_for
 
-pytest.importorskip("torch", reason="the local worker needs the [local] extra (torch)")
-pytest.importorskip("diffusers", reason="the local worker needs the [local] extra (diffusers)")
+NEEDS = "a real `flux-proxy worker` needs the [local] extra"
+pytest.importorskip("torch", reason=f"{NEEDS} (torch)")
+pytest.importorskip("diffusers", reason=f"{NEEDS} (diffusers)")
 
 BODY = {"prompt": "a lighthouse", "size": "256*256", "num_inference_steps": 2,
         "enable_sync_mode": True}
@@ -34,7 +35,7 @@ BODY = {"prompt": "a lighthouse", "size": "256*256", "num_inference_steps": 2,
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from providers.local.tiny import build_tiny_flux
+    from worker.engine.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
 

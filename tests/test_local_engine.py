@@ -1,13 +1,17 @@
 """The local FLUX engine on a tiny random pipeline, on CPU, with no download.
 
 A session fixture writes a tiny FLUX.1-dev-layout model folder
-(``providers.local.tiny``) and the engine loads it like a real model. The
+(``worker.engine.tiny``) and the engine loads it like a real model. The
 images are noise, but every path of the real diffusers pipelines runs.
+
+Needs the `local` extra (torch, diffusers, transformers): the whole module is
+skipped without it. What does not need the real pipeline (inputs, the safety
+policy, the model-folder checks, the queue on a fake engine) is in
+``test_local_worker.py`` and runs without torch.
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -18,32 +22,21 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before any Hugging Face import: never the hub
-torch = pytest.importorskip("torch", reason="the local worker needs the `local` extra (torch)")
-pytest.importorskip("diffusers", reason="the local worker needs the `local` extra (diffusers)")
-pytest.importorskip("transformers", reason="the local worker needs the `local` extra")
+NEEDS = "the real FLUX engine needs the `local` extra"
+torch = pytest.importorskip("torch", reason=f"{NEEDS} (torch)")
+pytest.importorskip("diffusers", reason=f"{NEEDS} (diffusers)")
+pytest.importorskip("transformers", reason=f"{NEEDS} (transformers)")
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from providers.local.engine import (  # noqa: E402
-    Canceled,
-    EngineError,
-    FluxEngine,
-    JobSpec,
-    SpeedOptions,
-)
-from providers.local.images import encode  # noqa: E402
-from providers.local.inputs import load_input_image, prepare_mask, to_rgb  # noqa: E402
-from providers.local.safety import (  # noqa: E402
-    NoChecker,
-    SafetyCheckerError,
-    ViTChecker,
-    apply_policy,
-    build_checker,
-)
-from providers.local.tiny import build_tiny_flux, build_tiny_nsfw_classifier  # noqa: E402
-from proxy.media import BlockedURL, MediaError, OutboundGuard, sniff_format  # noqa: E402
+from common.media import sniff_format  # noqa: E402
+from worker.engine import FluxEngine, SpeedOptions  # noqa: E402
+from worker.engine.tiny import build_tiny_flux, build_tiny_nsfw_classifier  # noqa: E402
+from worker.engine.vit import ViTChecker  # noqa: E402
+from worker.images import encode  # noqa: E402
+from worker.safety import build_checker  # noqa: E402
+from worker.spec import Canceled, EngineError, JobSpec  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -307,70 +300,6 @@ def test_cancel_between_steps(engine: FluxEngine) -> None:
     assert engine.run([job()])[0][0].size == (64, 64)  # the engine still works afterwards
 
 
-# --- inputs --------------------------------------------------------------------------------
-
-
-def data_uri(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buffer.getvalue()).decode()}"
-
-
-def no_traffic(request: httpx.Request) -> httpx.Response:
-    raise AssertionError(f"unexpected request to {request.url}")
-
-
-async def load(value: str, *, as_mask: bool = False) -> Image.Image:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(no_traffic)) as client:
-        return await load_input_image(
-            value,
-            field="mask_image" if as_mask else "image",
-            client=client,
-            guard=OutboundGuard(),
-            max_bytes=1 << 20,
-            timeout_s=5,
-            as_mask=as_mask,
-        )
-
-
-async def test_transparent_mask_areas_are_kept_not_repainted() -> None:
-    # Left half opaque white (repaint), right half fully transparent (keep).
-    mask = Image.new("RGBA", (40, 20), (255, 255, 255, 0))
-    mask.paste((255, 255, 255, 255), (0, 0, 20, 20))
-    prepared = prepare_mask(await load(data_uri(mask), as_mask=True), (40, 20))
-    assert prepared.getpixel((5, 10)) == 255 and prepared.getpixel((35, 10)) == 0
-
-
-async def test_input_data_uri_is_loaded_as_rgb() -> None:
-    image = await load(data_uri(Image.new("RGBA", (40, 30), (255, 0, 0, 128))))
-    assert image.mode == "RGB" and image.size == (40, 30)
-
-
-async def test_input_garbage_data_uri_is_refused_with_field() -> None:
-    with pytest.raises(MediaError) as caught:
-        await load("data:image/png;base64," + base64.b64encode(b"not an image at all").decode())
-    assert caught.value.field == "image"
-
-
-async def test_input_loopback_url_is_refused_without_traffic() -> None:
-    with pytest.raises(BlockedURL) as caught:
-        await load("http://127.0.0.1:8080/cat.png")
-    assert caught.value.field == "image"
-
-
-def test_prepare_mask_resizes_and_binarises() -> None:
-    soft = Image.linear_gradient("L").resize((30, 20))  # 0..255 top to bottom
-    mask = prepare_mask(soft, (64, 48))
-    assert mask.mode == "L" and mask.size == (64, 48)
-    assert set(np.unique(np.asarray(mask)).tolist()) == {0, 255}
-    transparent = prepare_mask(Image.new("RGBA", (10, 10), (255, 255, 255, 0)), (10, 10))
-    assert np.asarray(transparent).max() == 0  # transparent = keep
-
-
-def test_to_rgb_flattens_alpha_on_white() -> None:
-    assert to_rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
-
-
 # --- safety --------------------------------------------------------------------------------
 
 
@@ -386,28 +315,25 @@ def test_vit_checker_flags(tmp_path: Path, engine: FluxEngine, flag_everything: 
     assert all((s > 0.85) == flag_everything for s in scores)
 
 
-def test_blackout_policy_replaces_only_flagged_images() -> None:
-    images = [source_image((20, 10)), source_image((30, 12))]
-    out = apply_policy(images, [True, False], "blackout")
-    assert out[0].size == (20, 10) and np.asarray(out[0]).max() == 0
-    assert out[1] is images[1]
-    assert apply_policy(images, [True, True], "flag") == images
+# --- the loader's "auto" choices -----------------------------------------------------------
 
 
-def test_no_checker_and_checker_errors(tmp_path: Path) -> None:
-    assert NoChecker().check([source_image()] * 2) == [False, False]
-    assert isinstance(build_checker("none", None), NoChecker)
-    with pytest.raises(SafetyCheckerError, match="needs the path"):
-        build_checker("vit", None)
-    with pytest.raises(SafetyCheckerError, match=r"no config\.json"):
-        build_checker("vit", tmp_path)
+def test_engine_reexports_the_torch_free_spec_types() -> None:
+    import worker.engine
+    import worker.spec
+
+    for name in ("Canceled", "EngineError", "JobSpec", "Mode"):
+        assert getattr(worker.engine, name) is getattr(worker.spec, name)
 
 
-def test_nudenet_missing_is_a_clear_error() -> None:
-    try:
-        import nudenet  # noqa: F401
-    except ImportError:
-        with pytest.raises(SafetyCheckerError, match="AGPL"):
-            build_checker("nudenet", None)
-    else:  # pragma: no cover - only where the optional extra is installed
-        pytest.skip("nudenet is installed")
+def test_auto_device_dtype_and_speed_options_follow_what_torch_sees() -> None:
+    from worker.loader import resolve_device, resolve_dtype, speed_options
+    from worker.settings import WorkerSettings
+
+    auto = WorkerSettings(device="auto", compile="auto", fuse_qkv="auto", tf32="auto")
+    device = resolve_device(auto)
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype(auto, device) == ("bf16" if device == "cuda" else "fp32")
+    cpu = speed_options(auto, "cpu")
+    assert isinstance(cpu, SpeedOptions) and not (cpu.compile or cpu.fuse_qkv or cpu.tf32)
+    assert speed_options(WorkerSettings(fuse_qkv=True), "cpu").fuse_qkv

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common.logging import configure_logging, get_logger, register_secrets
 from providers.simulators import SimConfig, SimulatorServer
-from proxy.logging import configure_logging, get_logger, register_secrets
 
 from .conftest import make_settings, running_proxy
 

@@ -1,4 +1,4 @@
-"""proxy.media: sniffing, decoding, data URIs, host patterns, the SSRF guard, downloads.
+"""common.media: sniffing, decoding, data URIs, host patterns, the SSRF guard, downloads.
 
 Network use is loopback only: downloads go to an in-test HTTP server on
 127.0.0.1; guard checks for public addresses use IP literals (no DNS, no
@@ -15,6 +15,7 @@ import ipaddress
 import random
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
@@ -22,19 +23,22 @@ import httpx
 import pytest
 from PIL import Image
 
-from proxy.media import (
+from common.media import (
     BlockedURL,
     ImageInfo,
     MediaError,
     OutboundGuard,
     Target,
     TooLarge,
+    address_refusal,
     b64_to_data_uri,
     download,
     fetch_image,
     host_matches,
+    inspect_data_uri,
     inspect_image,
     parse_data_uri,
+    parse_ip_literal,
     sniff_format,
     to_data_uri,
 )
@@ -156,6 +160,19 @@ def test_inspect_refuses_format_mismatch(images: dict[str, bytes]) -> None:
         inspect_image(b"\x89PNG\r\n\x1a\n" + images["jpeg"])
 
 
+def test_inspect_limits_come_before_pillows_global_check() -> None:
+    """Our header check runs before Image.open's process-wide bomb check: the
+    refusal names the real size, Pillow warns nothing, and its global is untouched."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail here
+        with pytest.raises(TooLarge, match="10000x10000"):  # between Pillow's warn and error
+            inspect_image(png_with_header(10_000, 10_000), max_side=4096, max_pixels=4096**2)
+        with pytest.raises(TooLarge, match="50000x50000"):  # past Pillow's error limit
+            inspect_image(png_with_header(50_000, 50_000), max_side=4096, max_pixels=4096**2)
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS
+
+
 # --------------------------------------------------------------------------- data URIs
 
 
@@ -210,6 +227,62 @@ def test_data_uri_too_large(images: dict[str, bytes]) -> None:
     assert parse_data_uri(uri, max_bytes=len(images["png"]))[0] == images["png"]
     with pytest.raises(TooLarge):
         parse_data_uri("data:image/png," + "A" * 400, max_bytes=100)
+
+
+def test_data_uri_strict_takes_only_canonical_base64(images: dict[str, bytes]) -> None:
+    b64 = base64.b64encode(images["png"]).decode()
+    assert parse_data_uri(f"data:image/png;base64,{b64}", max_bytes=10**6, strict=True) == (
+        images["png"], "image/png")
+    assert parse_data_uri(f"data:image/jpg;x=y;base64,{base64.b64encode(images['jpeg']).decode()}",
+                          max_bytes=10**6, strict=True)[1] == "image/jpeg"
+    lenient_only = [
+        b64[:50] + "\n" + b64[50:],  # whitespace
+        b64.rstrip("=") + ("A" if b64.endswith("=") else ""),  # padding off
+        base64.urlsafe_b64encode(images["png"]).decode(),  # URL-safe alphabet
+        b64.replace("+", "%2B").replace("/", "%2F"),  # percent-encoded
+    ]
+    assert b64 not in lenient_only
+    for payload in lenient_only:
+        parse_data_uri(f"data:image/png;base64,{payload}", max_bytes=10**6)  # lenient: fine
+        with pytest.raises(MediaError, match="not valid base64"):
+            parse_data_uri(f"data:image/png;base64,{payload}", max_bytes=10**6, strict=True)
+    for payload in [b64 + "=", b64 + "====", "=" + b64[1:], b64[:-4] + "A=A=", b64 + " "]:
+        with pytest.raises(MediaError, match="not valid base64"):
+            parse_data_uri(f"data:image/png;base64,{payload}", max_bytes=10**6, strict=True)
+    with pytest.raises(MediaError, match="base64-encoded"):
+        parse_data_uri("data:image/png,%89PNG%0D%0A", max_bytes=100, strict=True)
+    with pytest.raises(TooLarge):
+        parse_data_uri(f"data:image/png;base64,{b64}", max_bytes=100, strict=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_inspect_data_uri_ok(images: dict[str, bytes], fmt: str) -> None:
+    data, info = inspect_data_uri(to_data_uri(images[fmt], fmt), max_bytes=10**6)
+    assert data == images[fmt] and info == ImageInfo(fmt, 48, 32, f"image/{fmt}")
+
+
+@pytest.mark.parametrize(
+    ("make_uri", "match", "too_large"),
+    [
+        (lambda im: to_data_uri(im["jpeg"], "png"), "declares image/png but its bytes are a JPEG",
+         False),
+        (lambda im: to_data_uri(im["gif"], "webp"), "declares image/webp but its bytes are a GIF",
+         False),
+        (lambda im: to_data_uri(b"plain text", "png"), "not a JPEG/PNG/GIF/WebP", False),
+        (lambda im: to_data_uri(im["jpeg"][:300], "jpeg"), "corrupt or truncated", False),
+        (lambda im: "data:image/svg+xml;base64,PHN2Zy8+", "not 'image/svg\\+xml'", False),
+        (lambda im: "data:image/png;base64,iVBO R", "not valid base64", False),
+        (lambda im: to_data_uri(png_with_header(5000, 5000), "png"), "5000x5000", True),
+    ],
+    ids=["png-label-jpeg", "webp-label-gif", "text", "truncated", "svg", "bad-b64", "bomb"],
+)
+def test_inspect_data_uri_refusals(
+    images: dict[str, bytes], make_uri: Callable[[dict[str, bytes]], str], match: str,
+    too_large: bool,
+) -> None:
+    with pytest.raises(MediaError, match=match) as info:
+        inspect_data_uri(make_uri(images), max_bytes=10**6, max_pixels=4096**2, max_side=4096)
+    assert isinstance(info.value, TooLarge) is too_large
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -409,6 +482,89 @@ async def test_guard_resolution_failures_are_media_errors() -> None:
         await OutboundGuard(resolver=stub_resolver({"e.example": []})).check_url(
             "http://e.example/"
         )
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("127.0.1", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("0X7F.0.0.1", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("2130706433", "127.0.0.1"),
+        ("017700000001", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("127.0.0.1.", "127.0.0.1"),
+        ("0", "0.0.0.0"),
+        ("0.0.0.0", "0.0.0.0"),
+        ("10.1", "10.0.0.1"),
+        ("1.16777215", "1.255.255.255"),
+        ("0xffffffff", "255.255.255.255"),
+        ("::1", "::1"),
+        ("::ffff:127.0.0.1", "::ffff:7f00:1"),
+        ("fe80::1%25eth0", "fe80::1%25eth0"),
+        ("example.com", None),
+        ("1.2.3.4.5", None),
+        ("256.1", None),
+        ("1.16777216", None),
+        ("4294967296", None),
+        ("08.1", None),  # not octal: a resolver asks DNS, and so the guard resolves it
+        ("0x", None),
+        ("", None),
+        ("a.b", None),
+    ],
+)
+def test_parse_ip_literal(host: str, expected: str | None) -> None:
+    got = parse_ip_literal(host)
+    assert (None if got is None else str(got)) == expected
+
+
+LEGACY_LOOPBACK = ["127.1", "0x7f.1", "0x7f000001", "2130706433", "017700000001", "127.0.0.1.",
+                   "0", "10.1"]
+
+
+@pytest.mark.parametrize("host", LEGACY_LOOPBACK)
+async def test_guard_reads_every_ipv4_spelling_as_a_literal(host: str) -> None:
+    # A resolver that would call them public is never asked: they are addresses.
+    asked: list[str] = []
+
+    async def lying(name: str, port: int) -> list[str]:
+        asked.append(name)
+        return ["93.184.216.34"]
+
+    with pytest.raises(BlockedURL, match=r"is an? (loopback|unspecified|private) address"):
+        await OutboundGuard(resolver=lying).check_url(f"http://{host}/x.png")
+    with pytest.raises(BlockedURL):
+        OutboundGuard(resolver=lying).check_without_dns(f"http://{host}/x.png")
+    assert asked == []
+    target = await OutboundGuard(allow_private=True, resolver=lying).resolve(f"http://{host}/")
+    assert target.host_is_ip and asked == []
+
+
+async def test_check_without_dns_asks_no_resolver() -> None:
+    asked: list[str] = []
+
+    async def resolver(name: str, port: int) -> list[str]:
+        asked.append(name)
+        return ["127.0.0.1"]
+
+    guard = OutboundGuard(resolver=resolver)
+    assert guard.check_without_dns("https://rebind.example/x.png").host == "rebind.example"
+    for url in ["http://[::ffff:10.0.0.1]/", "http://u:p@93.184.216.34/", "ftp://x.example/",
+                "http://metadata.google.internal/"]:
+        with pytest.raises(BlockedURL):
+            guard.check_without_dns(url)
+    assert asked == []
+    with pytest.raises(BlockedURL, match="resolves to a loopback"):  # resolve() still resolves
+        await guard.resolve("https://rebind.example/x.png")
+
+
+@pytest.mark.parametrize("address", ["fec0::1", "fc00::1", "fe80::1", "::127.0.0.1", "0.1.2.3",
+                                     "198.18.0.1", "::ffff:8.8.8.8"])
+def test_address_refusal_more_classes(address: str) -> None:
+    assert address_refusal(ipaddress.ip_address(address)) is not None
 
 
 # --------------------------------------------------------------------------- local server
@@ -761,6 +917,16 @@ async def test_download_tries_next_checked_address(server: LocalServer) -> None:
         )
     assert sniff_format(body) == "png"
     assert transport.hosts == ["::1", "127.0.0.1"]
+
+
+async def test_download_connects_to_the_canonical_literal(server: LocalServer) -> None:
+    """``127.1`` was checked as 127.0.0.1; that is the address the client is given."""
+    transport = IPOnlyTransport()  # would fail on "127.1", which is not an IP for ipaddress
+    async with httpx.AsyncClient(transport=transport, trust_env=False) as ip_client:
+        body, _ = await download(ip_client, f"http://127.1:{server.port}/cat.png",
+                                 max_bytes=10**6, timeout_s=2, guard=LOCAL)
+    assert sniff_format(body) == "png"
+    assert transport.hosts == ["127.0.0.1"]
 
 
 async def test_download_connect_refused(client: httpx.AsyncClient) -> None:

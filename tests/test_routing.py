@@ -8,8 +8,8 @@ import pytest
 
 from providers.base import ErrorKind, GenerationRequest, Provider
 from providers.registry import build_provider
-from proxy.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from proxy.routing import Router, RoutingSettings
+from proxy.routing.breaker import BreakerSettings, BreakerState, CircuitBreaker
 
 
 class Clock:
@@ -180,10 +180,13 @@ def test_health_gates_acquire_rate_limits_and_breakers() -> None:
     r = router(breaker={"failure_threshold": 2, "cooldown_s": 60})
     r.record("vibedream", ok=False, kind=ErrorKind.RATE_LIMITED, retry_after_s=30)
     assert r.acquire("vibedream") is None and 29 < r.available_in("vibedream") <= 30
-    r.record("wavespeed", ok=False, kind=ErrorKind.UNAVAILABLE, ticket=r.acquire("wavespeed"))
-    ticket = r.acquire("wavespeed")
-    assert ticket is not None
-    r.record("wavespeed", ok=False, kind=ErrorKind.TIMEOUT, ticket=ticket)
+    first = r.acquire("wavespeed")
+    assert first is not None
+    first.settle(ok=False, kind=ErrorKind.UNAVAILABLE)
+    second = r.acquire("wavespeed")
+    assert second is not None
+    second.settle(ok=False, kind=ErrorKind.TIMEOUT)
+    second.settle(ok=False, kind=ErrorKind.TIMEOUT)  # a second settle changes nothing
     assert r.acquire("wavespeed") is None
     assert r.snapshot()["wavespeed"]["state"] == "open"
     # Policy refusals are the request's fault, not the provider's.

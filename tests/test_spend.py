@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 
 from providers.simulators import SimulatorServer
-from proxy.spend_report import build_report
+from proxy.accounts.spend_report import build_report
 from proxy.store import Attempt, Prediction, Store, new_id
 from proxy.store.models import ApiKey
 

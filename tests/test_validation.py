@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from common.media import OutboundGuard
 from providers.simulators import SimulatorServer
-from proxy.schema import GenerateRequest
+from proxy.api import inputs
+from proxy.schema import GenerateRequest, field_errors
 
 from .conftest import make_settings, running_proxy
 
@@ -42,10 +45,29 @@ BAD_FIELDS: list[tuple[str, Any, str]] = [
     ("enable_sync_mode", "true", "valid boolean"),
     ("image", "ftp://example.com/a.png", "http(s) URL"),
     ("image", "not a url", "http(s) URL"),
-    ("image", "data:text/plain;base64,AAAA", "data:image"),
+    ("image", "data:text/plain;base64,AAAA", "not accepted"),
+    ("image", "data:image/svg+xml;base64,PHN2Zy8+", "SVG and other types are refused"),
+    ("image", "data:image/png,%89PNG", "data:image/png;base64"),
+    ("image", "data:image/png;base64", "data:image/png;base64"),
+    ("image", "http://user:pw@example.com/a.png", "credentials"),
+    ("image", "https://example.com/" + "a" * 4100, "longer than 4096"),
+    ("image", 42, "valid string"),
+    ("mask_image", "data:image/svg+xml;base64,PHN2Zy8+", "not accepted"),
+    ("mask_image", "file:///etc/passwd", "http(s) URL"),
     ("model", "flux-pro", "unknown model"),
     ("surprise", 1, "unknown field"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _no_real_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image URLs reaching the content checks must never be resolved for real."""
+
+    async def refuse(host: str, port: int) -> list[str]:
+        raise AssertionError(f"a test tried to resolve {host!r} for real")
+
+    monkeypatch.setattr(inputs, "DEFAULT_CHECKER",
+                        inputs.RequestImageChecker(guard=OutboundGuard(resolver=refuse)))
 
 
 @pytest.fixture
@@ -79,6 +101,8 @@ async def test_bad_field_is_422_naming_field_value_and_range(
     if field != "surprise":
         assert detail["allowed"], "the allowed range is stated"
     expected = value if not (isinstance(value, str) and len(value) > 120) else None
+    if isinstance(value, str) and "@" in value:
+        expected = None  # credentials are masked: test_image_credentials_are_not_echoed
     if expected is not None:
         assert detail["value"] == expected
     await _assert_nothing_written(client, vibedream_sim, wavespeed_sim)
@@ -152,6 +176,22 @@ def test_defaults_are_the_seeds_defaults() -> None:
 def test_size_accepts_star_and_x(size: str) -> None:
     req = GenerateRequest.model_validate({"prompt": "x", "size": size})
     assert req.size == "768*1024"
+
+
+async def test_image_credentials_are_not_echoed(client: Any) -> None:
+    r = await client.post("/v1/predictions", json={
+        "prompt": "x", "image": "https://alice:s3cret@example.com/a.png"})
+    detail = r.json()["error"]["details"][0]
+    assert detail["field"] == "image" and "credentials" in detail["reason"]
+    assert detail["value"] == "https://***@example.com/a.png"
+
+
+def test_image_shape_errors_arrive_with_the_others() -> None:
+    # Shape rules are schema rules: reported at once with every other bad field.
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": "", "image": "ftp://x/a.png",
+                                        "mask_image": "data:image/svg+xml;base64,AA=="})
+    assert {e.field for e in field_errors(info.value)} == {"prompt", "image", "mask_image"}
 
 
 def test_empty_image_string_means_no_image() -> None:

@@ -6,8 +6,8 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from ..logging import get_logger
-from ..schema import ErrorBody, ErrorResponse, FieldError
+from common.logging import get_logger
+from proxy.schema import ErrorBody, ErrorResponse, FieldError
 
 log = get_logger("flux_proxy.api")
 

@@ -6,14 +6,20 @@ import math
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
 from litestar.params import FromPath, FromQuery, QueryParameter
 from pydantic import ValidationError
 
-from ..auth import principal_of, require_key
-from ..budgets import BudgetExceeded
-from ..schema import (
+from proxy.accounts.auth import principal_of, require_key
+from proxy.accounts.budgets import BudgetExceeded
+from proxy.api.deps import AuthDep, ProvidersDep, ServiceDep, SettingsDep
+from proxy.api.errors import error_response
+from proxy.api.inputs import ImageCheckerDep, provide_image_checker
+from proxy.api.render import prediction_view
+from proxy.lifecycle.service import Conflict, NoProvider, NotFound
+from proxy.schema import (
     ErrorResponse,
     FieldError,
     GenerateRequest,
@@ -21,10 +27,7 @@ from ..schema import (
     PredictionView,
     field_errors,
 )
-from ..service import Conflict, NoProvider, NotFound, PredictionService
-from ..store.models import PREDICTION_STATUSES
-from .errors import error_response
-from .render import prediction_view
+from proxy.store.models import PREDICTION_STATUSES
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
@@ -47,14 +50,8 @@ class _CreateOperation(Operation):
         return out
 
 
-def _service(request: Request[Any, Any, Any]) -> PredictionService:
-    service: PredictionService = request.app.state.service
-    return service
-
-
-def _base_url(request: Request[Any, Any, Any]) -> str:
-    configured: str = request.app.state.settings.public_base_url
-    return configured or str(request.base_url)
+def _base_url(request: Request[Any, Any, Any], settings: SettingsDep) -> str:
+    return settings.public_base_url or str(request.base_url)
 
 
 def parse_generate(
@@ -100,24 +97,29 @@ class PredictionController(Controller):
                               description="accepted (or still running after sync_timeout_s)"),
             **_errors(400, 401, 402, 413, 422, 429, 503),
         },
+        dependencies={"image_checker": Provide(provide_image_checker, sync_to_thread=False)},
         summary="Create a prediction",
         description="202 with the queued prediction; with enable_sync_mode, 200 with the "
         "terminal result (or 202 with the running prediction after sync_timeout_s).",
     )
-    async def create(self, request: Request[Any, Any, Any]) -> Response[Any]:
-        state = request.app.state
-        parsed = parse_generate(await request.body(), state.settings.models,
-                                list(state.provider_settings))
+    async def create(
+        self, request: Request[Any, Any, Any], service: ServiceDep, auth: AuthDep,
+        settings: SettingsDep, provider_settings: ProvidersDep, image_checker: ImageCheckerDep,
+    ) -> Response[Any]:
+        parsed = parse_generate(await request.body(), settings.models, list(provider_settings))
         if isinstance(parsed, Response):
             return parsed
-        service = _service(request)
         principal = principal_of(request)
         if principal.key is not None:
-            wait = state.auth.rate_limit(principal.key)
+            wait = auth.rate_limit(principal.key)
             if wait is not None:
                 return error_response(
                     429, f"rate limit of key {principal.key.name!r} exceeded",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        # Request images: decoded / address-checked before anything is written or sent.
+        bad_images = await image_checker.check(parsed)
+        if bad_images:
+            return error_response(422, "request validation failed", details=bad_images)
         try:
             run = await service.submit(parsed, principal)
         except BudgetExceeded as exc:
@@ -129,9 +131,9 @@ class PredictionController(Controller):
             return error_response(422, f"{exc}: " + "; ".join(
                 f"{d.field}: {d.reason}" for d in details), code="unsupported", details=details)
         status = 202
-        if parsed.enable_sync_mode and await service.wait(run, state.settings.sync_timeout_s):
+        if parsed.enable_sync_mode and await service.wait(run, settings.sync_timeout_s):
             status = 200
-        view = prediction_view(run.pred, list(run.attempts), _base_url(request))
+        view = prediction_view(run.pred, list(run.attempts), _base_url(request, settings))
         return Response(view, status_code=status)
 
     @get("", summary="List predictions, newest first", responses={
@@ -140,6 +142,8 @@ class PredictionController(Controller):
     async def list_predictions(
         self,
         request: Request[Any, Any, Any],
+        service: ServiceDep,
+        settings: SettingsDep,
         status: FromQuery[str | None] = None,
         cursor: FromQuery[str | None] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
@@ -148,7 +152,7 @@ class PredictionController(Controller):
             return error_response(422, "invalid query parameter", details=[
                 FieldError(field="status", reason="unknown status", value=status,
                            allowed=", ".join(PREDICTION_STATUSES))])
-        store = _service(request).store
+        store = service.store
         try:
             principal = principal_of(request)
             preds, next_cursor = await store.list_predictions(
@@ -159,31 +163,33 @@ class PredictionController(Controller):
             return error_response(422, "invalid query parameter", details=[
                 FieldError(field="cursor", reason="not a cursor from this API", value=cursor)])
         attempts = await store.attempts_for([p.id for p in preds])
-        base = _base_url(request)
+        base = _base_url(request, settings)
         data = [prediction_view(p, attempts.get(p.id, []), base) for p in preds]
         return Response(PredictionList(data=data, next_cursor=next_cursor))
 
     @get("/{prediction_id:str}", summary="Get a prediction",
          responses={**_ONE, **_errors(401, 404)})
     async def get_prediction(
-        self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str],
+        service: ServiceDep, settings: SettingsDep,
     ) -> Response[Any]:
         try:
-            pred, attempts = await _service(request).get(prediction_id, principal_of(request))
+            pred, attempts = await service.get(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
-        return Response(prediction_view(pred, attempts, _base_url(request)))
+        return Response(prediction_view(pred, attempts, _base_url(request, settings)))
 
     @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction",
           responses={**_ONE, **_errors(401, 404, 409)})
     async def cancel(
-        self, request: Request[Any, Any, Any], prediction_id: FromPath[str]
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str],
+        service: ServiceDep, settings: SettingsDep,
     ) -> Response[Any]:
         try:
-            pred, attempts = await _service(request).cancel(prediction_id, principal_of(request))
+            pred, attempts = await service.cancel(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
         except Conflict as exc:
             return error_response(409, str(exc))
-        return Response(prediction_view(pred, attempts, _base_url(request)))
+        return Response(prediction_view(pred, attempts, _base_url(request, settings)))
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..schema import AttemptView, PredictionView, Urls, usd
-from ..store.models import Attempt, Prediction
+from proxy.schema import AttemptView, PredictionView, Urls, usd
+from proxy.store.models import Attempt, Prediction
 
 
 def attempt_view(a: Attempt) -> AttemptView:

@@ -7,11 +7,11 @@ from typing import Annotated, Any, Literal
 from litestar import MediaType, Request, Response, get
 from litestar.params import FromQuery, QueryParameter
 
-from ..auth import principal_of, require_key
-from ..schema import FieldError
-from ..service import PredictionService
-from ..spend_report import build_report, parse_bound
-from .errors import error_response
+from proxy.accounts.auth import principal_of, require_key
+from proxy.accounts.spend_report import build_report, parse_bound
+from proxy.api.deps import ServiceDep
+from proxy.api.errors import error_response
+from proxy.schema import FieldError
 
 GROUPS = ("key", "provider", "model", "day")
 
@@ -22,6 +22,7 @@ GROUPS = ("key", "provider", "model", "day")
      "`format=csv` (or Accept: text/csv) for CSV.")
 async def spend(
     request: Request[Any, Any, Any],
+    service: ServiceDep,
     group_by: FromQuery[str] = "provider",
     from_: Annotated[str | None, QueryParameter(name="from")] = None,
     to: FromQuery[str | None] = None,
@@ -39,7 +40,6 @@ async def spend(
         return error_response(422, "invalid query parameter", details=[
             FieldError(field=field, reason=reason, allowed="ISO date or datetime")])
     principal = principal_of(request)
-    service: PredictionService = request.app.state.service
     report = await build_report(service.store, group_by,  # type: ignore[arg-type]
                                 since=since, until=until,
                                 api_key_id=None if principal.sees_all else principal.key_id)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, Response, get
+from litestar import Response, get
 
-from ..auth import require_key
-from ..service import PredictionService
+from proxy.accounts.auth import require_key
+from proxy.api.deps import ProvidersDep, ServiceDep, SettingsDep
 
 
 @get("/v1/models", tags=["models"], summary="Models, providers and their capabilities",
      guards=[require_key])
-async def list_models(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    state = request.app.state
-    service: PredictionService = state.service
+async def list_models(service: ServiceDep, settings: SettingsDep,
+                      provider_settings: ProvidersDep) -> dict[str, Any]:
     router = service.router
     providers = []
     health = router.snapshot()
-    for name, (kind, _settings) in state.provider_settings.items():
+    for name, (kind, _settings) in provider_settings.items():
         provider = router.providers.get(name)
         providers.append(
             {
@@ -38,7 +37,7 @@ async def list_models(request: Request[Any, Any, Any]) -> dict[str, Any]:
                 "providers": providers,
                 "routing": router.settings.route_for(model).model_dump(),
             }
-            for model in state.settings.models
+            for model in settings.models
         ]
     }
 
@@ -49,8 +48,7 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", tags=["system"], summary="Readiness: database reachable, a provider enabled")
-async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
-    service: PredictionService = request.app.state.service
+async def readyz(service: ServiceDep) -> Response[dict[str, Any]]:
     db_ok = await service.store.ping()
     enabled = service.router.enabled
     ready = db_ok and bool(enabled)

@@ -14,7 +14,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, cast
@@ -77,7 +77,11 @@ def _rowcount(result: Result[Any]) -> int:
 class Store(LeaseMixin, KeysMixin, SpendMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
-    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False) -> None:
+    def __init__(self, url: str, *, schema: str | None = None, echo: bool = False,
+                 after_write: Callable[[str], None] | None = None) -> None:
+        """`after_write(operation)` runs after each committed lifecycle write (the
+        crash-point tests raise from it to stop the process between two writes)."""
+        self.after_write = after_write
         self._schema = schema
         self._engine = create_engine(url, schema=schema, echo=echo)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
@@ -132,6 +136,7 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         async with self._sessions() as session:
             session.add(p)
             await session.commit()
+        self._wrote("create_prediction")
         return p
 
     async def get_prediction(self, prediction_id: str) -> Prediction | None:
@@ -188,7 +193,9 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         values = _checked(Prediction, fields, PREDICTION_STATUSES)
         values.setdefault("updated_at", utcnow())
         stmt = update(Prediction).where(col(Prediction.id) == prediction_id).values(**values)
-        return await self._write(stmt) > 0
+        written = await self._write(stmt) > 0
+        self._wrote("update_prediction")
+        return written
 
     async def finish_prediction(
         self,
@@ -235,7 +242,39 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
             .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
             .values(**values)
         )
-        return await self._write(stmt) > 0
+        finished = await self._write(stmt) > 0
+        self._wrote("finish_prediction")
+        return finished
+
+    async def finish_with_attempt(
+        self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], **prediction: Any
+    ) -> bool:
+        """The attempt's end and the prediction's end in ONE transaction, so no
+        crash can leave a completed upstream job behind an unfinished prediction.
+
+        The attempt row is always updated (its cost is real either way); the
+        prediction only if still active. True when the prediction was finished here.
+        """
+        a_values = _checked(Attempt, dict(attempt), ATTEMPT_STATUSES)
+        status = prediction.pop("status")
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"finish_with_attempt needs a terminal status, got {status!r}")
+        now = utcnow()
+        p_values = _checked(Prediction, prediction, PREDICTION_STATUSES) | {
+            "status": status, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
+        p_values.setdefault("completed_at", now)
+        opts = {"synchronize_session": False}
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(Attempt).where(col(Attempt.id) == attempt_id).values(**a_values),
+                execution_options=opts)
+            result = await session.execute(
+                update(Prediction)
+                .where(col(Prediction.id) == prediction_id,
+                       col(Prediction.status).in_(ACTIVE_STATUSES))
+                .values(**p_values), execution_options=opts)
+        self._wrote("finish_with_attempt")
+        return _rowcount(result) > 0
 
     async def request_cancel(self, prediction_id: str) -> Prediction | None:
         """Flag a non-terminal prediction for cancellation; the row as it now is.
@@ -274,13 +313,35 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         async with self._sessions() as session:
             session.add(a)
             await session.commit()
+        self._wrote("add_attempt")
         return a
+
+    async def begin_attempt(self, a: Attempt) -> bool:
+        """Insert `a` only while its prediction is active and no cancel was asked
+        for, atomically: the row lock taken here orders it against
+        `request_cancel`, so a cancel that has returned is never followed by a
+        new upstream submit. False (nothing written) when it may not start."""
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(
+                update(Prediction)
+                .where(col(Prediction.id) == a.prediction_id,
+                       col(Prediction.status).in_(ACTIVE_STATUSES),
+                       col(Prediction.cancel_requested).is_(False))
+                .values(updated_at=utcnow()),
+                execution_options={"synchronize_session": False})
+            if _rowcount(result) == 0:
+                return False
+            session.add(a)
+        self._wrote("begin_attempt")
+        return True
 
     async def update_attempt(self, attempt_id: int, **fields: Any) -> bool:
         """Set columns by name. False if no such row."""
         values = _checked(Attempt, fields, ATTEMPT_STATUSES)
         stmt = update(Attempt).where(col(Attempt.id) == attempt_id).values(**values)
-        return await self._write(stmt) > 0
+        written = await self._write(stmt) > 0
+        self._wrote("update_attempt")
+        return written
 
     async def attempts_for(self, prediction_ids: Iterable[str]) -> dict[str, list[Attempt]]:
         """Attempts of many predictions in one query, each list ordered by seq.
@@ -302,6 +363,10 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         return out
 
     # -- helpers -----------------------------------------------------------
+
+    def _wrote(self, operation: str) -> None:
+        if self.after_write is not None:
+            self.after_write(operation)
 
     async def _write(self, stmt: Any) -> int:
         """Run one UPDATE in its own transaction; rows matched."""

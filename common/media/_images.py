@@ -1,0 +1,135 @@
+"""Recognise, validate and encode the four accepted image formats.
+
+Magic bytes are only a cheap first look (``sniff_format``); anything we accept
+is fully decoded by Pillow (``inspect_image``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+from ._errors import MediaError, TooLarge
+
+MIME_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+}
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
+_LABELS = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF"}
+FORMAT_LABELS = _LABELS  # "jpeg" -> "JPEG", for messages
+# Opening a format's class directly reads the header (size) without Image.open's
+# process-wide decompression-bomb check.
+_HEADER_READERS: dict[str, type[ImageFile.ImageFile]] = {
+    "jpeg": JpegImagePlugin.JpegImageFile,
+    "png": PngImagePlugin.PngImageFile,
+    "webp": WebPImagePlugin.WebPImageFile,
+    "gif": GifImagePlugin.GifImageFile,
+}
+_ALIASES = {"jpg": "jpeg", "pjpeg": "jpeg", "x-png": "png"}
+NOT_AN_IMAGE = "not a JPEG/PNG/GIF/WebP image"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str  # "jpeg" | "png" | "webp" | "gif"
+    width: int
+    height: int
+    mime: str
+
+
+def normalize_format(fmt: str) -> str | None:
+    """``"JPG"`` -> ``"jpeg"``; ``None`` for anything that is not one of ours."""
+    name = fmt.strip().lower()
+    name = _ALIASES.get(name, name)
+    return name if name in MIME_TYPES else None
+
+
+def format_for_mime(mime: str) -> str | None:
+    """``"image/JPEG; q=1"`` -> ``"jpeg"``; ``None`` for non-image or unsupported types."""
+    main = mime.split(";", 1)[0].strip().lower()
+    kind, _, sub = main.partition("/")
+    if kind != "image":
+        return None
+    return normalize_format(sub)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format named by the leading magic bytes, or ``None``. No decoding."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _check_dimensions(width: int, height: int, *, max_pixels: int, max_side: int) -> None:
+    if width <= 0 or height <= 0:
+        raise MediaError(f"image has an empty size ({width}x{height})")
+    if width > max_side or height > max_side:
+        raise TooLarge(f"image is {width}x{height} pixels; each side must be at most {max_side}")
+    if width * height > max_pixels:
+        raise TooLarge(
+            f"image is {width}x{height} pixels; at most {max_pixels} pixels are accepted"
+        )
+
+
+def inspect_image(data: bytes, *, max_pixels: int = 50_000_000, max_side: int = 8192) -> ImageInfo:
+    """Fully validate ``data`` as a JPEG/PNG/GIF/WebP image and describe it.
+
+    The dimensions from the header are checked *before* any pixel data is
+    decoded (and before Pillow's own check), so a decompression bomb costs only
+    its header. Pillow's ``Image.MAX_IMAGE_PIXELS`` guard (global, left untouched
+    here) still applies on top, for limits above it, and is reported as
+    :class:`TooLarge`. For animated GIF/WebP only the first frame is decoded.
+
+    CPU-bound: call it through ``asyncio.to_thread`` from async code for large
+    inputs (``fetch_image`` does).
+    """
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise MediaError(NOT_AN_IMAGE)
+    pil_formats = [_PIL_FORMATS[fmt]]
+    label = _LABELS[fmt]
+    try:
+        # Pass 0: the header alone, through the format's own class: no pixels, and
+        # not yet Pillow's process-wide MAX_IMAGE_PIXELS check (which Image.open
+        # runs), so our limits decide and the 422 can say the real dimensions.
+        with _HEADER_READERS[fmt](io.BytesIO(data)) as im:
+            width, height = im.size
+        _check_dimensions(width, height, max_pixels=max_pixels, max_side=max_side)
+        # Pass 1: header + structural check (PNG verifies every chunk CRC).
+        with Image.open(io.BytesIO(data), formats=pil_formats) as im:
+            im.verify()
+        # Pass 2: verify() leaves the image unusable; reopen and decode pixels.
+        with Image.open(io.BytesIO(data), formats=pil_formats) as im:
+            if im.size != (width, height):  # pragma: no cover - defensive
+                raise MediaError(f"not a valid {label} image")
+            im.load()
+    except MediaError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise TooLarge("image dimensions exceed the decompression-bomb limit") from exc
+    except Exception as exc:  # any decoder failure on untrusted input is a refusal
+        raise MediaError(
+            f"not a valid {label} image (corrupt or truncated)",
+            detail=f"{type(exc).__name__}: {exc}",
+        ) from exc
+    return ImageInfo(format=fmt, width=width, height=height, mime=MIME_TYPES[fmt])
+
+
+def to_data_uri(data: bytes, fmt: str) -> str:
+    """``data:image/<fmt>;base64,...``; ``fmt`` is one of jpeg/png/webp/gif (``jpg`` ok)."""
+    name = normalize_format(fmt)
+    if name is None:
+        raise MediaError(f"unsupported image format {fmt!r}")
+    return f"data:{MIME_TYPES[name]};base64,{base64.b64encode(data).decode('ascii')}"

@@ -1,0 +1,276 @@
+"""Prediction service: submit, wait (sync mode), cancel, read; resume on start.
+
+The row is committed before the client hears of the prediction; a background
+task per prediction drives it (runner.py). Leases let several replicas share
+one database: a prediction whose driver stopped renewing is taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from dataclasses import asdict
+from datetime import timedelta
+
+from common.clock import SYSTEM_CLOCK, Clock
+from common.logging import get_logger
+from providers.base import GenerationRequest
+from proxy import metrics
+from proxy.accounts.auth import Principal
+from proxy.accounts.budgets import Budgets
+from proxy.lifecycle.run import Run
+from proxy.lifecycle.runner import Runner
+from proxy.routing import Plan, Router
+from proxy.schema import MAX_SEED, GenerateRequest
+from proxy.store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
+from proxy.store.repo import Store
+
+log = get_logger("flux_proxy.service")
+
+
+class NoProvider(Exception):
+    """No enabled provider can serve the request; `reasons` says why per provider."""
+
+    def __init__(self, message: str, reasons: dict[str, str], *, configured: bool) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+        self.configured = configured  # False: nothing is enabled at all (a 503)
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    pass
+
+
+class PredictionService:
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        *,
+        instance_id: str,
+        lease_s: float = 30.0,
+        prediction_deadline_s: float = 600.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.instance_id = instance_id
+        self.lease_s = lease_s
+        self.clock = clock
+        self.runner = Runner(store, router, prediction_deadline_s, clock)
+        self.budgets = Budgets(store)
+        self._runs: dict[str, Run] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        resumed = await self._claim_orphans(include_own=True)
+        if resumed:
+            log.info("predictions.resumed", count=resumed, instance_id=self.instance_id)
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="lease-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        runs = list(self._runs.values())
+        for run in runs:
+            if run.task:
+                run.task.cancel()
+        for run in runs:
+            if run.task:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run.task
+        # Hand the unfinished ones back at once, so a restart or a peer resumes them.
+        for run in runs:
+            if run.pred.status not in TERMINAL_STATUSES:
+                with contextlib.suppress(Exception):
+                    await self.store.release(run.pred.id, self.instance_id)
+
+    async def _sweep_forever(self) -> None:
+        interval = max(0.05, self.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                ids = [i for i, r in self._runs.items() if not r.done.is_set()]
+                if ids:
+                    await self.store.renew_leases(self.instance_id, ids, self.lease_s)
+                    # A cancel that reached another replica: it set the flag for us.
+                    for pred_id in await self.store.cancel_requested_among(ids):
+                        if run := self._runs.get(pred_id):
+                            run.cancel.set()
+                await self._claim_orphans(include_own=False)
+            except Exception:  # keep sweeping; a store blip must not stop renewals
+                log.exception("lease.sweep_failed")
+
+    async def _claim_orphans(self, *, include_own: bool) -> int:
+        preds = await self.store.claim_resumable(
+            self.instance_id, self.lease_s, limit=500, include_own=include_own
+        )
+        count = 0
+        for pred in preds:
+            if pred.id not in self._runs:
+                await self._adopt(pred.id)
+                count += 1
+        return count
+
+    def _spawn(self, run: Run) -> None:
+        self._runs[run.pred.id] = run
+        metrics.PREDICTIONS_IN_FLIGHT.inc()
+        run.task = asyncio.create_task(self.runner.drive(run), name=f"prediction-{run.pred.id}")
+
+        def _done(_: asyncio.Task[None]) -> None:
+            self._runs.pop(run.pred.id, None)
+            metrics.PREDICTIONS_IN_FLIGHT.dec()
+            if run.key is not None and run.key.budget_micro_usd is not None:
+                release = asyncio.create_task(self.budgets.release(run.key, run.pred.id))
+                self._background.add(release)
+                release.add_done_callback(self._background.discard)
+
+        run.task.add_done_callback(_done)
+
+    # ------------------------------------------------------------------ commands
+
+    def plan_check(self, gen: GenerationRequest, model: str,
+                   requested: list[str] | None = None) -> Plan:
+        plan = self.router.plan(gen, model=model, requested=requested)
+        if not plan.providers:
+            configured = bool(self.router.enabled)
+            raise NoProvider(
+                "no enabled provider can serve this request"
+                if configured
+                else "no provider is enabled (set VIBEDREAM_API_KEY or WAVESPEED_API_KEY)",
+                plan.excluded,
+                configured=configured,
+            )
+        return plan
+
+    async def submit(self, req: GenerateRequest, principal: Principal | None = None) -> Run:
+        """Validate routing and budget, commit the row, start driving it.
+        Raises NoProvider or BudgetExceeded before anything is written."""
+        principal = principal or Principal()
+        seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+        gen = req.to_generation(seed)
+        plan = self.plan_check(gen, req.model, req.providers)
+        now = self.clock.now()
+        pred = Prediction(
+            model=req.model,
+            request=_stored_request(gen, req.providers),
+            seed=seed,
+            api_key_id=principal.key_id,
+            created_at=now,
+            updated_at=now,
+            lease_owner=self.instance_id,
+            # Leases are compared in the store's time (the database clock on PostgreSQL).
+            lease_expires_at=utcnow() + timedelta(seconds=self.lease_s),
+        )
+        key = principal.key
+        if key is not None:
+            # Failover may land on any candidate: hold the dearest one's price.
+            expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
+            await self.budgets.reserve(key, pred.id, expected)
+        try:
+            pred = await self.store.create_prediction(pred)
+        except BaseException:
+            await self.budgets.release(key, pred.id)
+            raise
+        metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
+        log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
+                 model=pred.model, mode=gen.mode, num_images=gen.num_images,
+                 sync=gen.enable_sync_mode)
+        run = Run(pred=pred, attempts=[], key=key)
+        self._spawn(run)
+        return run
+
+    async def wait(self, run: Run, timeout_s: float) -> bool:
+        """True when the prediction reached a terminal state within the timeout."""
+        try:
+            await asyncio.wait_for(run.done.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def get(self, prediction_id: str, principal: Principal | None = None
+                  ) -> tuple[Prediction, list[Attempt]]:
+        """A client key sees only its own predictions; others are 'not found'."""
+        run = self._runs.get(prediction_id)
+        found = (run.pred, list(run.attempts)) if run is not None else (
+            await self.store.get_with_attempts(prediction_id))
+        if found is None or not _visible(found[0], principal):
+            raise NotFound(prediction_id)
+        return found
+
+    async def cancel(self, prediction_id: str, principal: Principal | None = None
+                     ) -> tuple[Prediction, list[Attempt]]:
+        """Cancel durably: the flag is in the database before this answers, and no
+        process submits upstream for a flagged prediction after that (the check
+        and the attempt row are one transaction, `Store.begin_attempt`).
+
+        The answer is honest: `canceled` when nothing is upstream; otherwise the
+        driving process cancels the upstream job and this waits for it briefly,
+        answering the prediction as it then is (`cancel_requested` set)."""
+        await self.get(prediction_id, principal)  # 404 for someone else's
+        run = self._runs.get(prediction_id)
+        if run is not None:
+            run.cancel.fire("canceled by client")
+            # Let the runner record the cancel, so the answer shows it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.done.wait(), timeout=5.0)
+            return run.pred, list(run.attempts)
+        pred = await self.store.request_cancel(prediction_id)
+        if pred is None:
+            raise NotFound(prediction_id)
+        if pred.status in TERMINAL_STATUSES:
+            raise Conflict(f"prediction is already {pred.status}")
+        found = await self.store.get_with_attempts(prediction_id)
+        assert found is not None
+        upstream = [a for a in found[1] if a.status in ("submitting", "processing")]
+        if not upstream:
+            # Nothing is (or can any more be) upstream: it ends here, for every replica.
+            await self.store.finish_prediction(prediction_id, status="canceled",
+                                               error="canceled by client")
+        elif _orphaned(pred) and await self.store.claim(prediction_id, self.instance_id,
+                                                        self.lease_s):
+            # Its driver is gone: take it over; the run cancels the upstream job.
+            await self._adopt(prediction_id)
+            if run := self._runs.get(prediction_id):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.done.wait(), timeout=5.0)
+                return run.pred, list(run.attempts)
+        # Otherwise a live replica drives it: its lease sweeper sees the flag.
+        found = await self.store.get_with_attempts(prediction_id)
+        assert found is not None
+        return found
+
+    async def _adopt(self, prediction_id: str) -> None:
+        found = await self.store.get_with_attempts(prediction_id)
+        if found is None or prediction_id in self._runs:
+            return
+        pred = found[0]
+        key = await self.store.find_key(pred.api_key_id) if pred.api_key_id else None
+        self._spawn(Run(pred=pred, attempts=found[1], key=key))
+
+
+def _orphaned(pred: Prediction) -> bool:
+    """No live lease: nobody is driving it."""
+    return pred.lease_owner is None or pred.lease_expires_at is None or (
+        pred.lease_expires_at <= utcnow())
+
+
+def _visible(pred: Prediction, principal: Principal | None) -> bool:
+    return principal is None or principal.sees_all or pred.api_key_id == principal.key_id
+
+
+def _stored_request(gen: GenerationRequest, providers: list[str] | None) -> dict[str, object]:
+    stored: dict[str, object] = asdict(gen)
+    if providers:
+        stored["providers"] = list(providers)
+    return stored

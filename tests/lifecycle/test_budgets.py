@@ -1,0 +1,68 @@
+"""Budgets on the lifecycle: a request is refused before anything is written when
+the key's spend plus what is reserved plus this request's expected price would
+pass its budget; the reservation is held while the prediction runs and released
+when it ends, whichever way it ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from providers.base import ErrorKind
+from providers.testing import Accept, Raise, ScriptedProvider
+from proxy.accounts.auth import Principal
+from proxy.accounts.budgets import BudgetExceeded
+from proxy.store.models import ApiKey
+
+from .conftest import Harness, finished, request
+
+pytestmark = pytest.mark.looptime
+
+
+async def a_key(harness: Harness, budget: int) -> ApiKey:
+    return await harness.store.create_key(ApiKey(
+        id="key-1", name="team", key_hash="h" * 64, prefix="fp_test",
+        budget_micro_usd=budget, budget_period="month"))
+
+
+async def test_reserved_while_running_released_at_the_end(harness: Harness) -> None:
+    a = ScriptedProvider("a", [Accept(polls=10)], price_micro_usd=20_000)
+    b = ScriptedProvider("b", price_micro_usd=30_000)
+    service = harness.service(a, b)
+    key = await a_key(harness, 100_000)
+    run = await service.submit(request(), Principal(key=key))
+    # Failover may land on any candidate: the dearest one's price is held.
+    assert service.budgets.reserved(key.id) == 30_000
+    await finished(service, run)
+    for _ in range(10):  # released by the run's done-callback
+        await asyncio.sleep(0)
+    assert service.budgets.reserved(key.id) == 0
+    assert await harness.store.spent_since(key.id, run.pred.created_at.replace(day=1)) == 20_000
+
+
+async def test_a_request_past_the_budget_is_refused_before_anything_is_written(
+        harness: Harness) -> None:
+    a = ScriptedProvider("a", [Accept(polls=100)] * 3, price_micro_usd=40_000)
+    service = harness.service(a)
+    key = await a_key(harness, 100_000)
+    first = await service.submit(request(), Principal(key=key))
+    second = await service.submit(request(), Principal(key=key))
+    with pytest.raises(BudgetExceeded, match="budget of key 'team'"):
+        await service.submit(request(), Principal(key=key))  # 40k + 40k + 40k > 100k
+    rows, _ = await harness.store.list_predictions(api_key_id=key.id)
+    assert {p.id for p in rows} == {first.pred.id, second.pred.id}
+    assert a.submits <= 2
+
+
+async def test_a_failed_prediction_releases_its_reservation(harness: Harness) -> None:
+    a = ScriptedProvider("a", [Raise(ErrorKind.POLICY)], price_micro_usd=60_000)
+    service = harness.service(a)
+    key = await a_key(harness, 100_000)
+    run = await finished(service, await service.submit(request(), Principal(key=key)))
+    assert run.pred.status == "failed"
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert service.budgets.reserved(key.id) == 0
+    again = await service.submit(request(), Principal(key=key))  # nothing was spent
+    assert again.pred.id != run.pred.id
