@@ -36,6 +36,7 @@ from common import media
 from .base import (
     AuthFailed,
     BaseProvider,
+    ConfigurationError,
     InvalidInput,
     MalformedResponse,
     OutcomeUnknown,
@@ -128,7 +129,24 @@ async def download(
     settings: ProviderSettings,
     guard: media.OutboundGuard,
 ) -> tuple[bytes, str | None]:
-    """One output from the provider's asset hosts (never with our key), bounded."""
+    """One output from the provider's asset hosts (never with our key), bounded.
+
+    A refusal our own settings cause is a `ConfigurationError` naming the setting
+    (asset_hosts, allow_private_asset_hosts), not the provider's failure."""
+    try:
+        parsed = httpx.URL(url)
+        host = parsed.host
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except (httpx.InvalidURL, TypeError):
+        host, port = "", 0
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    listed = bool(host) and (not settings.asset_hosts
+                             or media.host_matches(shown, settings.asset_hosts))
+    if host and not listed:
+        raise ConfigurationError(
+            f"{provider}: output host {host!r} is not in providers.{provider}.asset_hosts"
+            " (base64 emulation downloads only from those): add it there",
+            provider=provider)
     try:
         return await media.download(
             assets,
@@ -138,7 +156,14 @@ async def download(
             allowed_hosts=settings.asset_hosts,
             guard=guard,
         )
-    except media.BlockedURL as exc:  # an output URL off the asset hosts: not ours to fetch
+    except media.BlockedURL as exc:
+        if listed and not settings.allow_private_asset_hosts:
+            # A host the operator listed that resolves to a private address.
+            raise ConfigurationError(
+                f"{provider}: output host {host!r} is listed in asset_hosts but refused"
+                f" ({safe_text(exc.reason)}); set providers.{provider}."
+                "allow_private_asset_hosts = true if it is an internal host you trust",
+                provider=provider) from exc
         raise MalformedResponse(
             f"{provider}: output URL refused: {safe_text(exc.reason)}", provider=provider
         ) from exc

@@ -170,11 +170,16 @@ class ErrorKind(enum.StrEnum):
     AUTH = "auth"  # our key is wrong: this provider is misconfigured
     POLICY = "policy_refusal"  # content moderation
     INVALID_INPUT = "invalid_input"  # the request itself is bad (e.g. image unreachable)
+    # Not an upstream's answer: the client key's budget cannot pay for another submit.
+    BUDGET = "budget_exceeded"
+    # Our own settings refused what the upstream did (e.g. an output host not in
+    # asset_hosts): the message names the setting; the provider's health is untouched.
+    CONFIG = "configuration_error"
 
     @property
     def retryable(self) -> bool:
         """Whether another provider may succeed where this one failed."""
-        return self not in (ErrorKind.POLICY, ErrorKind.INVALID_INPUT)
+        return self not in (ErrorKind.POLICY, ErrorKind.INVALID_INPUT, ErrorKind.BUDGET)
 
 
 class ProviderError(Exception):
@@ -243,6 +248,12 @@ class InvalidInput(ProviderError):
     kind = ErrorKind.INVALID_INPUT
 
 
+class ConfigurationError(ProviderError):
+    """Our configuration, not the upstream, stopped the call; says what to change."""
+
+    kind = ErrorKind.CONFIG
+
+
 ERRORS_BY_KIND: dict[ErrorKind, type[ProviderError]] = {
     cls.kind: cls
     for cls in (
@@ -254,6 +265,7 @@ ERRORS_BY_KIND: dict[ErrorKind, type[ProviderError]] = {
         AuthFailed,
         PolicyRefusal,
         InvalidInput,
+        ConfigurationError,
     )
 }
 

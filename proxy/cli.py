@@ -109,7 +109,7 @@ def _which_database(settings: Settings, *, create: bool) -> None:
     path = url.database or ""
     if url.get_backend_name() == "sqlite" and path not in ("", ":memory:") \
             and not path.startswith("file:"):
-        file = Path(path).expanduser().absolute()
+        file = Path(path).absolute()
         url = url.set(database=str(file))
         if not create and not file.exists():
             raise click.ClickException(

@@ -219,7 +219,7 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
         top = loc[0] if loc else ""
         value = err.get("input")
         if top in IMAGE_FIELDS:
-            pass
+            value = redact_image_ref(value)
         value = _preview(value) if loc else None
         if not loc and "mask_image" in reason:
             name, top = "mask_image", "mask_image"

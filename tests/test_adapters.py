@@ -26,6 +26,7 @@ from PIL import Image
 from common.media import OutboundGuard
 from providers.base import (
     AuthFailed,
+    ConfigurationError,
     ErrorKind,
     GenerationRequest,
     InvalidInput,
@@ -420,7 +421,9 @@ async def test_download_refuses_hosts_outside_asset_hosts(
 ) -> None:
     vd = make("vibedream", vd_sim.base_url, asset_hosts=["assets.vibedream.ai"])
     done = await until_terminal(vd, await vd.submit(gen()))
-    await expect_error(MalformedResponse, vd.download(done.outputs[0]))
+    # Our setting refused it, not the upstream: the error says which setting to change.
+    exc = await expect_error(ConfigurationError, vd.download(done.outputs[0]))
+    assert "providers.vibedream.asset_hosts" in exc.message
     assert vd_sim.stats["asset_gets"] == 0
 
 
@@ -429,7 +432,8 @@ async def test_download_refuses_loopback_unless_allowed(
 ) -> None:
     vd = make("vibedream", vd_sim.base_url, allow_private_asset_hosts=False)
     done = await until_terminal(vd, await vd.submit(gen()))
-    await expect_error(MalformedResponse, vd.download(done.outputs[0]))
+    exc = await expect_error(ConfigurationError, vd.download(done.outputs[0]))
+    assert "allow_private_asset_hosts" in exc.message
     assert vd_sim.stats["asset_gets"] == 0
 
 
@@ -597,3 +601,4 @@ def test_registry_imports_adapters_lazily() -> None:
         "assert 'providers.vibedream' in sys.modules and 'providers.wavespeed' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+

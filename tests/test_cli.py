@@ -17,11 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from click.testing import CliRunner, Result
+from litestar.testing import TestClient
+from pydantic import SecretStr
 
 from proxy.app import create_app
+from proxy.cli import main
 from proxy.config import Settings
-
-from .conftest import running_proxy
 
 CLI = [sys.executable, "-m", "proxy.cli"]
 
@@ -141,20 +143,25 @@ def test_serve_refuses_an_unknown_variable_naming_it(tmp_path: Path) -> None:
     assert keys.returncode == 2 and "FLUX_PROXY_PROT" in keys.stderr
 
 
-def test_keys_and_spend_never_create_a_database(tmp_path: Path) -> None:
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+def invoke(*args: str) -> Result:
+    """The console script in this process (environment and folder: the test's)."""
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_keys_and_spend_never_create_a_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     for args in (["keys", "create", "--name", "a"], ["keys", "list"], ["spend"]):
-        r = subprocess.run([*CLI, *args], env=_env(), cwd=elsewhere, capture_output=True,
-                           text=True, timeout=60)
-        assert r.returncode == 1, r.stderr
-        assert f"no database at {elsewhere / 'flux-proxy.db'}" in r.stderr
+        r = invoke(*args)
+        assert r.exit_code == 1, r.output
+        assert f"no database at {tmp_path / 'flux-proxy.db'}" in r.stderr
         assert "FLUX_PROXY_DATABASE_URL" in r.stderr and "--url" in r.stderr
         assert "key:" not in r.stdout
-    assert list(elsewhere.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
-async def test_the_cli_uses_the_database_serve_uses(
+def test_the_cli_uses_the_database_serve_uses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same FLUX_PROXY_CONFIG file, read from another folder: the key it prints works."""
@@ -164,37 +171,34 @@ async def test_the_cli_uses_the_database_serve_uses(
     db = home / "proxy.db"
     cfg = home / "flux.toml"
     cfg.write_text(f'database_url = "sqlite+aiosqlite:///{db}"\ninstance_id = "t"\n')
-    env = _env(FLUX_PROXY_CONFIG=str(cfg), FLUX_PROXY_ADMIN_KEY="adm-9f")
+    monkeypatch.setenv("FLUX_PROXY_CONFIG", str(cfg))
+    monkeypatch.chdir(elsewhere)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*CLI, *args], env=env, cwd=elsewhere, capture_output=True,
-                              text=True, timeout=60)
-
-    up = cli("db", "upgrade")
-    assert up.returncode == 0, up.stderr
+    up = invoke("db", "upgrade")
+    assert up.exit_code == 0, up.output
     assert f"database: sqlite+aiosqlite:///{db} (from {cfg})" in up.stderr
-    made = cli("keys", "create", "--name", "app-a")
-    assert made.returncode == 0, made.stderr
+    made = invoke("keys", "create", "--name", "app-a")
+    assert made.exit_code == 0, made.output
     assert f"database: sqlite+aiosqlite:///{db} (from {cfg})" in made.stderr
     key = _key_of(made.stdout)
     assert list(elsewhere.iterdir()) == []
 
-    monkeypatch.setenv("FLUX_PROXY_CONFIG", str(cfg))  # as `serve` would start
-    async with running_proxy(Settings()) as client:
-        ok = await client.get("/v1/predictions", headers={"Authorization": f"Bearer {key}"})
+    with TestClient(create_app(Settings())) as client:  # Settings() as `serve` reads them
+        ok = client.get("/v1/predictions", headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200, ok.text
-        bad = await client.get("/v1/predictions", headers={"Authorization": "Bearer fpk_nope"})
+        bad = client.get("/v1/predictions", headers={"Authorization": "Bearer fpk_nope"})
         assert bad.status_code == 401
 
 
-def test_the_database_url_is_printed_with_the_password_masked(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [*CLI, "keys", "list"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        env=_env(FLUX_PROXY_DATABASE_URL="postgresql://flux:hunter2@127.0.0.1:1/flux"))
-    assert r.returncode == 1  # nothing listens on port 1
+def test_the_database_url_is_printed_with_the_password_masked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLUX_PROXY_DATABASE_URL", "postgresql://flux:hunter2@127.0.0.1:1/flux")
+    r = invoke("keys", "list")
+    assert r.exit_code == 1  # nothing listens on port 1
     assert ("database: postgresql+asyncpg://flux:***@127.0.0.1:1/flux "
             "(from FLUX_PROXY_DATABASE_URL)") in r.stderr
-    assert "hunter2" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert "database error" in r.stderr and "hunter2" not in r.output
 
 
 @contextmanager
@@ -218,59 +222,58 @@ def serving(settings: Settings) -> Iterator[str]:
         sock.close()
 
 
-def test_keys_and_spend_over_the_admin_api(tmp_path: Path) -> None:
+def test_keys_and_spend_over_the_admin_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     admin = "adm-41c2"
     settings = Settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'proxy.db'}",
-                        admin_key=admin, instance_id="t")
-    nowhere = tmp_path / "client"  # no database here, none configured: only the API is used
-    nowhere.mkdir()
+                        admin_key=SecretStr(admin), instance_id="t")
+    client = tmp_path / "client"  # no database here, none configured: only the API is used
+    client.mkdir()
+    monkeypatch.chdir(client)
     with serving(settings) as url:
-        def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([*CLI, *args], env=_env(**env), cwd=nowhere,
-                                  capture_output=True, text=True, timeout=60)
-
-        made = cli("keys", "create", "--name", "app-a", "--budget-usd", "50", "--rate", "10/s",
-                   "--meta", "team=growth", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
-        assert made.returncode == 0, made.stderr
+        monkeypatch.setenv("FLUX_PROXY_ADMIN_KEY", admin)
+        made = invoke("keys", "create", "--name", "app-a", "--budget-usd", "50",
+                      "--rate", "10/s", "--meta", "team=growth", "--url", url)
+        assert made.exit_code == 0, made.output
         assert made.stdout.startswith("created app-a (key_")
         assert f"proxy: {url} (admin API)" in made.stderr and "database:" not in made.stderr
         key = _key_of(made.stdout)
         assert httpx.get(f"{url}/v1/predictions",
                          headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
-        again = cli("keys", "create", "--name", "app-a", "--url", url, "--admin-key", admin)
-        assert again.returncode == 1 and "409" in again.stderr and "app-a" in again.stderr
+        again = invoke("keys", "create", "--name", "app-a", "--url", url)
+        assert again.exit_code == 1 and "409" in again.stderr and "app-a" in again.stderr
 
-        listed = cli("keys", "list", "--url", url, "--admin-key", admin)
-        assert listed.returncode == 0, listed.stderr
+        table = invoke("spend", "--group-by", "key", "--url", url)
+        assert table.exit_code == 0, table.output
+        assert table.stdout.splitlines()[0].split()[:2] == ["group", "cost_usd"]
+        assert table.stdout.splitlines()[-1].split()[:2] == ["TOTAL", "0.000000"]
+        as_csv = invoke("spend", "--csv", "--from", "2026-01-01", "--url", url)
+        assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
+        by_key = invoke("spend", "--key", "app-a", "--url", url)
+        assert by_key.exit_code == 2 and "--key" in by_key.stderr
+
+        revoked = invoke("keys", "revoke", "app-a", "--url", url)
+        assert revoked.exit_code == 0 and revoked.stdout.startswith("revoked app-a (key_")
+        assert httpx.get(f"{url}/v1/predictions",
+                         headers={"Authorization": f"Bearer {key}"}).status_code == 401
+        twice = invoke("keys", "revoke", "app-a", "--url", url)
+        assert twice.exit_code == 1 and "already revoked" in twice.stderr
+
+        monkeypatch.delenv("FLUX_PROXY_ADMIN_KEY")
+        listed = invoke("keys", "list", "--url", url, "--admin-key", admin)
+        assert listed.exit_code == 0, listed.output
         header, row = listed.stdout.splitlines()
         assert header.split() == ["id", "name", "prefix", "budget_usd", "period", "rate_per_s",
                                   "revoked_at"]
-        assert row.split()[1:] == ["app-a", key[:12], "50.000000", "month", "10.0"]
+        assert row.split()[1:6] == ["app-a", key[:12], "50.000000", "month", "10.0"]
         assert key not in listed.stdout
 
-        revoked = cli("keys", "revoke", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
-        assert revoked.returncode == 0 and revoked.stdout.startswith("revoked app-a (key_")
-        assert httpx.get(f"{url}/v1/predictions",
-                         headers={"Authorization": f"Bearer {key}"}).status_code == 401
-        twice = cli("keys", "revoke", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
-        assert twice.returncode == 1 and "already revoked" in twice.stderr
-
-        table = cli("spend", "--group-by", "key", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
-        assert table.returncode == 0, table.stderr
-        assert table.stdout.splitlines()[0].split()[:2] == ["group", "cost_usd"]
-        assert table.stdout.splitlines()[-1].split()[:2] == ["TOTAL", "0.000000"]
-        as_csv = cli("spend", "--csv", "--from", "2026-01-01", "--url", url,
-                     FLUX_PROXY_ADMIN_KEY=admin)
-        assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
-
-        wrong = cli("keys", "list", "--url", url, "--admin-key", "not-it")
-        assert wrong.returncode == 1 and "403" in wrong.stderr and "--admin-key" in wrong.stderr
-        missing = cli("keys", "list", "--url", url)
-        assert missing.returncode == 2 and "admin key" in missing.stderr
-        by_key = cli("spend", "--key", "app-a", "--url", url, FLUX_PROXY_ADMIN_KEY=admin)
-        assert by_key.returncode == 2 and "--key" in by_key.stderr
-    assert list(nowhere.iterdir()) == []
-    down = subprocess.run([*CLI, "keys", "list", "--url", url, "--admin-key", admin],
-                          env=_env(), cwd=nowhere, capture_output=True, text=True, timeout=60)
-    assert down.returncode == 1 and "cannot reach the proxy" in down.stderr
+        wrong = invoke("keys", "list", "--url", url, "--admin-key", "not-it")
+        assert wrong.exit_code == 1 and "403" in wrong.stderr and "--admin-key" in wrong.stderr
+        missing = invoke("keys", "list", "--url", url)
+        assert missing.exit_code == 2 and "admin key" in missing.stderr
+    assert list(client.iterdir()) == []
+    down = invoke("keys", "list", "--url", url, "--admin-key", admin)
+    assert down.exit_code == 1 and "cannot reach the proxy" in down.stderr

@@ -100,7 +100,9 @@ async def test_only_provider_rate_limited_waits_retry_after_and_retries_it(
     async with running_proxy(make_settings(tmp_path, {"wavespeed": wavespeed_sim})) as c:
         r = await c.post("/v1/predictions", json={**BODY, "enable_sync_mode": False})
         pred_id = r.json()["id"]
-        await wait_for(c, pred_id, lambda b: b["attempts"])
+        # The attempt row exists before its POST: wait for the 429 itself.
+        await wait_for(c, pred_id, lambda b: b["attempts"]
+                       and b["attempts"][0]["error_kind"] == "rate_limited")
         wavespeed_sim.config.rate_limit = 0.0
         start = time.monotonic()
         done = await wait_terminal(c, pred_id)

@@ -483,6 +483,14 @@ async def test_guard_resolution_failures_are_media_errors() -> None:
             "http://e.example/"
         )
 
+    async def idna_fails(host: str, port: int) -> list[str]:
+        # What socket.getaddrinfo raises, before any DNS, for a label over 63 characters.
+        raise UnicodeError("encoding with 'idna' codec failed (label empty or too long)")
+
+    with pytest.raises(MediaError, match="not a valid name") as info:
+        await OutboundGuard(resolver=idna_fails).check_url(f"http://{'a' * 70}.example/")
+    assert not isinstance(info.value, BlockedURL)
+
 
 @pytest.mark.parametrize(
     ("host", "expected"),

@@ -189,9 +189,15 @@ async def test_image_credentials_are_not_echoed(client: Any) -> None:
 def test_image_shape_errors_arrive_with_the_others() -> None:
     # Shape rules are schema rules: reported at once with every other bad field.
     with pytest.raises(ValidationError) as info:
-        GenerateRequest.model_validate({"prompt": "", "image": "ftp://x/a.png",
+        GenerateRequest.model_validate({"prompt": "", "image": "http://u:p@x.example/a.png",
                                         "mask_image": "data:image/svg+xml;base64,AA=="})
-    assert {e.field for e in field_errors(info.value)} == {"prompt", "image", "mask_image"}
+    errors = {e.field: e for e in field_errors(info.value)}
+    assert set(errors) == {"prompt", "image", "mask_image"}
+    assert "credentials" in errors["image"].reason
+    assert errors["image"].value == "http://***@x.example/a.png"
+    for ok in ("https://x.example/a.png", "http://93.184.216.34:8080/a?b=c",
+               "data:image/jpeg;base64,AAAA", "DATA:IMAGE/JPG;BASE64,AAAA"):
+        assert GenerateRequest.model_validate({"prompt": "x", "image": ok}).image == ok
 
 
 def test_empty_image_string_means_no_image() -> None:

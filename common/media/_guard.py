@@ -233,6 +233,8 @@ class OutboundGuard:
             raise MediaError(f"timed out resolving host {host!r}") from exc
         except OSError as exc:  # socket.gaierror and friends
             raise MediaError(f"could not resolve host {host!r}") from exc
+        except UnicodeError as exc:  # getaddrinfo's IDNA step: a label over 63 characters
+            raise MediaError(f"could not resolve host {host[:80]!r}: not a valid name") from exc
         seen: dict[str, None] = {}
         for answer in answers:
             try:

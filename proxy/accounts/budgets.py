@@ -1,10 +1,12 @@
-"""Per-key budgets: refuse a request before it goes upstream once the key's spend
-for the period, plus what its in-flight predictions may still cost, plus this
-request's expected cost, would pass the budget.
+"""Per-key budgets: a request is refused before it goes upstream once the key's
+spend for the period, plus what is held for its in-flight submits, plus this
+request's expected price, would pass the budget.
 
-Spend comes from the attempt rows; in-flight predictions hold a reservation of
-their expected cost until they finish, so concurrent requests on one replica
-cannot overshoot at all, and replicas together by at most what is in flight.
+The holds live in the database (`proxy.store.budget`): taken when a prediction
+is accepted and again before every upstream submit (first attempt, failover,
+hedge) at that attempt's expected price, dropped when its cost is recorded. So
+they hold across processes, replicas and restarts, and a key can overshoot only
+by what attempts already submitted cost above what they held.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import UTC, datetime
 
 from proxy import metrics
 from proxy.schema import usd
+from proxy.store.budget import BudgetRefused, Hold
 from proxy.store.models import ApiKey, utcnow
 from proxy.store.repo import Store
 
@@ -38,36 +41,34 @@ def period_start(period: str | None, now: datetime) -> datetime:
 class Budgets:
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._reserved: dict[str, dict[str, int]] = {}  # key id -> prediction id -> micro-USD
-
-    def reserved(self, key_id: str) -> int:
-        return sum(self._reserved.get(key_id, {}).values())
-
-    async def reserve(self, key: ApiKey, prediction_id: str, expected: int) -> None:
-        """Hold `expected` for this prediction, or raise BudgetExceeded."""
-        if key.budget_micro_usd is None:
-            return
-        spent = await self.store.spent_since(key.id, period_start(key.budget_period, utcnow()))
-        # No await from here on: check and reserve are one step for this replica.
-        reserved = self.reserved(key.id)
-        if spent + reserved + expected > key.budget_micro_usd:
-            self._publish(key, spent, reserved)
-            raise BudgetExceeded(key, spent, reserved, expected)
-        self._reserved.setdefault(key.id, {})[prediction_id] = expected
-        self._publish(key, spent, reserved + expected)
-
-    async def release(self, key: ApiKey | None, prediction_id: str) -> None:
-        """The prediction ended: its real cost is in the attempt rows now."""
-        if key is None or key.budget_micro_usd is None:
-            return
-        held = self._reserved.get(key.id, {})
-        held.pop(prediction_id, None)
-        if not held:
-            self._reserved.pop(key.id, None)
-        spent = await self.store.spent_since(key.id, period_start(key.budget_period, utcnow()))
-        self._publish(key, spent, self.reserved(key.id))
 
     @staticmethod
-    def _publish(key: ApiKey, spent: int, reserved: int) -> None:
-        remaining = max(0, (key.budget_micro_usd or 0) - spent - reserved)
-        metrics.BUDGET_REMAINING_USD.labels(key.name).set(remaining / 1_000_000)
+    def hold(key: ApiKey | None, expected: int) -> Hold | None:
+        """What to reserve for a submit expected to cost `expected` (None: no budget)."""
+        if key is None or key.budget_micro_usd is None:
+            return None
+        return Hold(key.id, key.budget_micro_usd, period_start(key.budget_period, utcnow()),
+                    expected)
+
+    @staticmethod
+    def refused(key: ApiKey, exc: BudgetRefused) -> BudgetExceeded:
+        _publish(key, exc.spent, exc.reserved)
+        return BudgetExceeded(key, exc.spent, exc.reserved, exc.amount)
+
+    async def reserved(self, key: ApiKey) -> int:
+        """Held now for the key's in-flight submits (every replica's)."""
+        _, held = await self.store.exposure(key.id, period_start(key.budget_period, utcnow()))
+        return held
+
+    async def publish(self, key: ApiKey | None) -> None:
+        """Refresh the remaining-budget gauge for `key`."""
+        if key is None or key.budget_micro_usd is None:
+            return
+        spent, held = await self.store.exposure(key.id,
+                                                period_start(key.budget_period, utcnow()))
+        _publish(key, spent, held)
+
+
+def _publish(key: ApiKey, spent: int, reserved: int) -> None:
+    remaining = max(0, (key.budget_micro_usd or 0) - spent - reserved)
+    metrics.BUDGET_REMAINING_USD.labels(key.name).set(remaining / 1_000_000)

@@ -32,6 +32,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 
 from common import media
+from common.logging import get_logger
 from proxy.schema import (
     ALLOWED,
     IMAGE_MAX_BYTES,
@@ -44,6 +45,8 @@ from proxy.schema import (
 )
 
 RESOLVE_TIMEOUT_S = 3.0
+
+log = get_logger("flux_proxy.api")
 
 
 def _preview(value: str) -> str:
@@ -97,7 +100,10 @@ class RequestImageChecker:
                 max_pixels=self.max_pixels, max_side=self.max_side)
         except media.TooLarge as exc:
             return None, self._error(name, value, exc.reason, size=True)
-        except media.MediaError as exc:  # BlockedURL too; exc.detail stays in our logs
+        except media.MediaError as exc:  # BlockedURL too
+            if exc.detail:  # for operators only (e.g. the internal address a name resolved to)
+                log.info("request.image_refused", field=name, reason=exc.reason,
+                         detail=exc.detail)
             return None, self._error(name, value, exc.reason)
         if info.width < self.min_side or info.height < self.min_side:
             return None, self._error(

@@ -18,7 +18,7 @@ from proxy.api.deps import AuthDep, ProvidersDep, ServiceDep, SettingsDep
 from proxy.api.errors import error_response
 from proxy.api.inputs import ImageCheckerDep, provide_image_checker
 from proxy.api.render import prediction_view
-from proxy.lifecycle.service import Conflict, NoProvider, NotFound
+from proxy.lifecycle.service import Conflict, NoProvider, NotFound, Unavailable
 from proxy.schema import (
     ErrorResponse,
     FieldError,
@@ -124,6 +124,9 @@ class PredictionController(Controller):
             run = await service.submit(parsed, principal)
         except BudgetExceeded as exc:
             return error_response(402, str(exc), code="budget_exceeded")
+        except Unavailable as exc:
+            return error_response(503, str(exc), code="providers_unavailable", headers={
+                "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
         except NoProvider as exc:
             details = [FieldError(field=name, reason=why) for name, why in exc.reasons.items()]
             if not exc.configured:

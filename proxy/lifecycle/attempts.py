@@ -24,11 +24,13 @@ from providers.base import (
     UpstreamJob,
 )
 from proxy import metrics
+from proxy.accounts.budgets import BudgetExceeded, Budgets
 from proxy.lifecycle import outputs
 from proxy.lifecycle.polling import Canceled, wait_terminal
 from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
 from proxy.routing import Router
 from proxy.routing.admission import Admitted
+from proxy.store.budget import BudgetRefused, Hold
 from proxy.store.models import Attempt
 from proxy.store.repo import Store
 
@@ -36,11 +38,13 @@ log = get_logger("flux_proxy.attempts")
 
 
 class Attempts:
-    def __init__(self, store: Store, router: Router, deadline: timedelta, clock: Clock) -> None:
+    def __init__(self, store: Store, router: Router, deadline: timedelta, clock: Clock,
+                 budgets: Budgets) -> None:
         self.store = store
         self.router = router
         self.deadline = deadline
         self.clock = clock
+        self.budgets = budgets
 
     def deadline_of(self, run: Run) -> datetime:
         return run.pred.created_at + self.deadline
@@ -55,20 +59,31 @@ class Attempts:
                           provider=provider.name, api_key_id=run.pred.api_key_id,
                           created_at=self.clock.now())
         run.attempts.append(attempt)  # seq is taken before any await: hedges never clash
+        hold = self.budgets.hold(run.key, self.router.expected_cost(provider, gen))
+        refusal: BudgetExceeded | None = None
         try:
-            if not await self.store.begin_attempt(attempt):
+            try:
+                began = await self.store.begin_attempt(attempt, hold)
+            except BudgetRefused as exc:
+                began = False
+                assert run.key is not None
+                refusal = self.budgets.refused(run.key, exc)
+            if not began:
                 run.attempts.remove(attempt)
                 attempt.completed_at = attempt.created_at  # nothing to give back upstream
                 provider.abandon()
+                if refusal is not None:  # no submit we cannot pay for, not even a failover
+                    return Outcome(False, provider=provider.name, error=str(refusal),
+                                   kind=ErrorKind.BUDGET, final=True)
                 raise Canceled
-            return await self._submit_and_follow(run, provider, gen, cancel, attempt)
+            return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
         finally:
             if attempt.completed_at is None:
                 provider.abandon()  # shutdown (or a store error) mid-attempt
 
     async def _submit_and_follow(
         self, run: Run, provider: Admitted, gen: GenerationRequest, cancel: CancelSignal,
-        attempt: Attempt,
+        attempt: Attempt, hold: Hold | None,
     ) -> Outcome:
         log.info("attempt.submitting", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, api_key_id=run.pred.api_key_id)
@@ -93,13 +108,21 @@ class Attempts:
                            error=error, kind=exc.kind, http_status=exc.status_code,
                            retry_after=exc.retry_after)
             return Outcome(False, provider=provider.name, error=error, kind=exc.kind)
+        if job.charged_micro_usd is not None:
+            self.router.learn_quote(provider.name, gen, job.charged_micro_usd)
         ids = {"upstream_id": job.upstream_id, "poll_url": job.poll_url}
         for key, value in ids.items():
             setattr(attempt, key, value)
         if job.status.terminal:  # answered synchronously: one write instead of two
             return await self.follow(run, provider, attempt, gen, job, cancel, extra=ids)
         assert attempt.id is not None
-        await self.store.update_attempt(attempt.id, status="processing", **ids)
+        # A quote above what was held raises the hold at once, so the key's other
+        # submits see the real exposure (the job exists: it is paid either way).
+        quoted = job.charged_micro_usd
+        raise_to = quoted if hold is not None and quoted is not None and (
+            quoted > attempt.reserved_micro_usd) else None
+        await self.store.accept_attempt(attempt, raise_hold_to=raise_to,
+                                        status="processing", **ids)
         attempt.status = "processing"
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)
@@ -220,7 +243,7 @@ class Attempts:
         if status == "completed" and not run.closed:
             run.pending[attempt.id] = fields  # written with the prediction's end
         else:
-            await self.store.update_attempt(attempt.id, **fields)
+            await self.store.end_attempt(attempt, **fields)
         metrics.ATTEMPTS.labels(attempt.provider, kind.value if kind else status).inc()
         if cost:
             metrics.COST_MICRO_USD.labels(attempt.provider, run.pred.model).inc(cost)

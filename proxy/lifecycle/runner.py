@@ -16,6 +16,7 @@ from common.clock import SYSTEM_CLOCK, Clock
 from common.logging import get_logger
 from providers.base import ErrorKind, GenerationRequest, JobStatus, Provider, UpstreamJob
 from proxy import metrics
+from proxy.accounts.budgets import Budgets
 from proxy.lifecycle.attempts import Attempts
 from proxy.lifecycle.hedging import first_result, hedged, propagate
 from proxy.lifecycle.polling import Canceled
@@ -34,11 +35,12 @@ _RETRY_SAME = frozenset({ErrorKind.RATE_LIMITED.value})
 
 class Runner:
     def __init__(self, store: Store, router: Router, prediction_deadline_s: float,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+                 clock: Clock = SYSTEM_CLOCK, budgets: Budgets | None = None) -> None:
         self.store = store
         self.router = router
         self.clock = clock
-        self.attempts = Attempts(store, router, timedelta(seconds=prediction_deadline_s), clock)
+        self.attempts = Attempts(store, router, timedelta(seconds=prediction_deadline_s), clock,
+                                 budgets or Budgets(store))
 
     async def _set_pred(self, run: Run, **fields: Any) -> None:
         for key, value in fields.items():
@@ -55,6 +57,7 @@ class Runner:
         except Exception as exc:  # a bug or a store outage must not leave it hanging
             log.exception("prediction.crashed", prediction_id=run.pred.id)
             try:
+                await self._close_open_attempts(run)
                 await self._finish(
                     run, "failed", Outcome(False, error=f"internal error: {type(exc).__name__}")
                 )
@@ -79,6 +82,20 @@ class Runner:
             await self._finish(run, "canceled", Outcome(False, error=run.cancel.reason))
             return
         await self._finish(run, "completed" if outcome.ok else "failed", outcome)
+
+    async def _close_open_attempts(self, run: Run) -> None:
+        """After a crash inside the lifecycle: an attempt left open may have a job
+        upstream (it may be billed), so it is closed `unknown` at its expected price
+        rather than left at no cost."""
+        gen = generation_from_stored(run.pred.request)
+        for attempt in run.attempts:
+            if attempt.completed_at is None and attempt.id is not None and (
+                    attempt.id not in run.pending):
+                provider = self.router.resumed(attempt.provider)
+                cost = self.router.expected_cost(provider, gen) if provider else 0
+                await self.attempts.end(run, attempt, provider, "unknown", cost=cost,
+                                        error="outcome unknown: the proxy failed mid-attempt",
+                                        kind=ErrorKind.OUTCOME_UNKNOWN)
 
     async def _resume_inflight(self, run: Run, gen: GenerationRequest) -> Outcome | None:
         """Continue from what the store says (a restart, or a takeover from a dead
@@ -142,13 +159,16 @@ class Runner:
             provider = self._acquire(plan.providers)
             if provider is None:  # every candidate is open or rate-limited: wait for one
                 wait = min(self.router.available_in(p.name) for p in plan.providers)
-                if wait >= left:
+                if wait >= left or self.router.unavailable_for(plan.providers) is not None:
                     return Outcome(False, kind=ErrorKind.UNAVAILABLE, error=(
-                        "no provider available before the deadline: "
+                        f"no provider available for {wait:.1f}s: "
                         + self._health_summary(plan.providers)))
                 await self._sleep(run, max(wait, 0.01))
                 continue
-            if last is not None and last.provider and last.kind is not None:
+            if last is not None and last.provider == provider.name:
+                log.info("attempt.retry", prediction_id=run.pred.id, provider=provider.name,
+                         reason=last.kind.value if last.kind else None)
+            elif last is not None and last.provider and last.kind is not None:
                 metrics.FAILOVERS.labels(last.provider, provider.name, last.kind.value).inc()
                 log.info("prediction.failover", prediction_id=run.pred.id,
                          from_provider=last.provider, to_provider=provider.name,
@@ -206,8 +226,9 @@ class Runner:
             return await self.store.finish_prediction(run.pred.id, **fields)
         ended = await self.store.finish_with_attempt(run.pred.id, first, pending.pop(first),
                                                      **fields)
+        by_id = {a.id: a for a in run.attempts}
         for attempt_id, attempt_fields in pending.items():
-            await self.store.update_attempt(attempt_id, **attempt_fields)
+            await self.store.end_attempt(by_id[attempt_id], **attempt_fields)
         return ended
 
     async def _finish(self, run: Run, status: str, outcome: Outcome | None) -> None:

@@ -23,6 +23,7 @@ from proxy.lifecycle.run import Run
 from proxy.lifecycle.runner import Runner
 from proxy.routing import Plan, Router
 from proxy.schema import MAX_SEED, GenerateRequest
+from proxy.store.budget import BudgetRefused
 from proxy.store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
 from proxy.store.repo import Store
 
@@ -36,6 +37,15 @@ class NoProvider(Exception):
         super().__init__(message)
         self.reasons = reasons
         self.configured = configured  # False: nothing is enabled at all (a 503)
+
+
+class Unavailable(Exception):
+    """Every provider that could serve the request is open or rate-limited for
+    longer than routing.unavailable_wait_s: answer 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(Exception):
@@ -62,8 +72,8 @@ class PredictionService:
         self.instance_id = instance_id
         self.lease_s = lease_s
         self.clock = clock
-        self.runner = Runner(store, router, prediction_deadline_s, clock)
         self.budgets = Budgets(store)
+        self.runner = Runner(store, router, prediction_deadline_s, clock, self.budgets)
         self._runs: dict[str, Run] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -131,9 +141,9 @@ class PredictionService:
             self._runs.pop(run.pred.id, None)
             metrics.PREDICTIONS_IN_FLIGHT.dec()
             if run.key is not None and run.key.budget_micro_usd is not None:
-                release = asyncio.create_task(self.budgets.release(run.key, run.pred.id))
-                self._background.add(release)
-                release.add_done_callback(self._background.discard)
+                publish = asyncio.create_task(self.budgets.publish(run.key))
+                self._background.add(publish)
+                publish.add_done_callback(self._background.discard)
 
         run.task.add_done_callback(_done)
 
@@ -151,6 +161,13 @@ class PredictionService:
                 plan.excluded,
                 configured=configured,
             )
+        wait = self.router.unavailable_for(plan.providers)
+        if wait is not None:
+            states = self.router.snapshot()
+            why = "; ".join(f"{p.name}: breaker {states[p.name]['state']}, rate-limited for "
+                            f"{states[p.name]['rate_limited_for_s']}s" for p in plan.providers)
+            raise Unavailable(f"no provider can take this request for {wait:.1f}s ({why})",
+                              wait)
         return plan
 
     async def submit(self, req: GenerateRequest, principal: Principal | None = None) -> Run:
@@ -173,15 +190,13 @@ class PredictionService:
             lease_expires_at=utcnow() + timedelta(seconds=self.lease_s),
         )
         key = principal.key
-        if key is not None:
-            # Failover may land on any candidate: hold the dearest one's price.
-            expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
-            await self.budgets.reserve(key, pred.id, expected)
+        # Failover may land on any candidate: hold the dearest one's price.
+        expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
         try:
-            pred = await self.store.create_prediction(pred)
-        except BaseException:
-            await self.budgets.release(key, pred.id)
-            raise
+            pred = await self.store.create_prediction(pred, self.budgets.hold(key, expected))
+        except BudgetRefused as exc:
+            assert key is not None
+            raise self.budgets.refused(key, exc) from None
         metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
         log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
                  model=pred.model, mode=gen.mode, num_images=gen.num_images,

@@ -52,6 +52,10 @@ class RoutingSettings(BaseModel):
     ewma_alpha: float = Field(default=0.2, gt=0, le=1)  # `fastest`: weight of the newest
     default_retry_after_s: float = Field(default=1.0, gt=0)  # a 429 without Retry-After
     max_attempts: int = Field(default=6, ge=1)  # upstream submits per prediction
+    # When every eligible provider is open (breaker) or rate-limited: wait at most this
+    # long for one; past it a new request gets 503 with Retry-After, and a running
+    # prediction fails at once with the reason.
+    unavailable_wait_s: float = Field(default=2.0, ge=0)
 
     def route_for(self, model: str) -> RouteSettings:
         route = self.routes.get(model)
@@ -87,6 +91,7 @@ class Router:
         self.disabled = dict(disabled or {})
         self.order = [name for name in routing.order if name in providers]
         self._rng = rng or random.Random()
+        self._quoted: dict[str, int] = {}  # provider -> micro-USD per image it last quoted
         self.health = {
             name: ProviderHealth(name, routing.breaker, ewma_alpha=routing.ewma_alpha,
                                  default_retry_after_s=routing.default_retry_after_s,
@@ -148,10 +153,19 @@ class Router:
             return sorted(providers, key=key, reverse=True)
         return providers
 
-    @staticmethod
-    def expected_cost(provider: Provider, req: GenerationRequest) -> int:
-        # An attempt with no answer is priced at what the provider would charge.
+    def expected_cost(self, provider: Provider, req: GenerationRequest) -> int:
+        """What an attempt on `provider` is expected to cost: the price it last
+        quoted per image (VibeDream quotes costCents at submit) where it has
+        quoted one, else its list price (what an unanswered submit is charged)."""
+        per_image = self._quoted.get(provider.name)
+        if per_image is not None:
+            return per_image * req.num_images
         return provider.attempt_cost_micro_usd(req, None)
+
+    def learn_quote(self, name: str, req: GenerationRequest, charged_micro_usd: int) -> None:
+        """Remember a price the upstream quoted for `req` (per image, rounded up)."""
+        if charged_micro_usd > 0 and req.num_images > 0:
+            self._quoted[name] = -(-charged_micro_usd // req.num_images)
 
     # ------------------------------------------------------------------ health
 
@@ -172,6 +186,14 @@ class Router:
 
     def available_in(self, name: str) -> float:
         return self.health[name].available_in()
+
+    def unavailable_for(self, providers: list[Provider]) -> float | None:
+        """Seconds until the first of `providers` could take an attempt, when that
+        is longer than `unavailable_wait_s`; None when one will be ready in time."""
+        if not providers:
+            return None
+        wait = min(self.available_in(p.name) for p in providers)
+        return wait if wait > self.settings.unavailable_wait_s else None
 
     def record(self, name: str, *, ok: bool, kind: ErrorKind | None = None,
                latency_s: float | None = None, retry_after_s: float | None = None) -> None:

@@ -124,6 +124,10 @@ class Attempt(SQLModel, table=True):
     latency_ms: int | None = None
     cost_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     images: int = 0  # outputs a completed attempt produced (spend reports count them)
+    # What the key's budget held for this attempt before its submit (the overshoot
+    # bound is the sum of cost - reserved over attempts; see budget_reservations).
+    reserved_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False,
+                                                                server_default="0"))
     api_key_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
@@ -149,6 +153,27 @@ class ApiKey(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
     )
     revoked_at: datetime | None = _ts()
+
+
+class Reservation(SQLModel, table=True):
+    """Budget held for an upstream submit that has not recorded its cost yet.
+
+    seq 0 is the hold taken when the prediction is accepted (the dearest
+    candidate's price); attempt n replaces it with its own (n, price) row just
+    before its submit, in the transaction that writes the attempt. The row goes
+    in the transaction that records the attempt's cost, so a key's exposure is
+    always spend (attempt rows) + holds (these rows), across replicas and crashes.
+    """
+
+    __tablename__ = "budget_reservations"
+
+    prediction_id: str = Field(primary_key=True, max_length=36)
+    seq: int = Field(primary_key=True)
+    api_key_id: str = Field(max_length=64, index=True)
+    amount_micro_usd: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
 
 
 class Meta(SQLModel, table=True):

@@ -14,17 +14,19 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import select, text, update
-from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col
 
 from proxy.store import migrate
+from proxy.store._sql import checked_fields, rowcount
+from proxy.store.attempt_writes import AttemptWritesMixin
+from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.db import create_engine
 from proxy.store.keys import KeysMixin
 from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
@@ -58,23 +60,7 @@ def decode_cursor(cursor: str) -> str:
     return value
 
 
-def _checked(model: type[Any], fields: dict[str, Any], statuses: Sequence[str]) -> dict[str, Any]:
-    columns = set(model.__table__.columns.keys())
-    unknown = sorted(set(fields) - columns)
-    if unknown:
-        raise ValueError(f"unknown {model.__name__} field(s): {', '.join(unknown)}")
-    if "id" in fields:
-        raise ValueError(f"{model.__name__}.id cannot be updated")
-    if "status" in fields and fields["status"] not in statuses:
-        raise ValueError(f"invalid {model.__name__} status {fields['status']!r}")
-    return fields
-
-
-def _rowcount(result: Result[Any]) -> int:
-    return cast(CursorResult[Any], result).rowcount
-
-
-class Store(LeaseMixin, KeysMixin, SpendMixin):
+class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False,
@@ -131,11 +117,13 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
 
     # -- predictions -------------------------------------------------------
 
-    async def create_prediction(self, p: Prediction) -> Prediction:
-        """Insert `p`; it is committed when this returns."""
-        async with self._sessions() as session:
+    async def create_prediction(self, p: Prediction, hold: Hold | None = None) -> Prediction:
+        """Insert `p`; it is committed when this returns. With `hold`, the key's
+        budget is reserved in the same transaction (BudgetRefused: nothing written)."""
+        async with self._sessions() as session, session.begin():
+            if hold is not None:
+                await self._hold(session, hold, p.id, 0)
             session.add(p)
-            await session.commit()
         self._wrote("create_prediction")
         return p
 
@@ -190,7 +178,7 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
 
     async def update_prediction(self, prediction_id: str, **fields: Any) -> bool:
         """Set columns by name; always bumps updated_at. False if no such row."""
-        values = _checked(Prediction, fields, PREDICTION_STATUSES)
+        values = checked_fields(Prediction, fields, PREDICTION_STATUSES)
         values.setdefault("updated_at", utcnow())
         stmt = update(Prediction).where(col(Prediction.id) == prediction_id).values(**values)
         written = await self._write(stmt) > 0
@@ -242,9 +230,11 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
             .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
             .values(**values)
         )
-        finished = await self._write(stmt) > 0
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(stmt, execution_options={"synchronize_session": False})
+            await self._drop_settled_holds(session, prediction_id)
         self._wrote("finish_prediction")
-        return finished
+        return rowcount(result) > 0
 
     async def finish_with_attempt(
         self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], **prediction: Any
@@ -255,12 +245,12 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         The attempt row is always updated (its cost is real either way); the
         prediction only if still active. True when the prediction was finished here.
         """
-        a_values = _checked(Attempt, dict(attempt), ATTEMPT_STATUSES)
+        a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
         status = prediction.pop("status")
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish_with_attempt needs a terminal status, got {status!r}")
         now = utcnow()
-        p_values = _checked(Prediction, prediction, PREDICTION_STATUSES) | {
+        p_values = checked_fields(Prediction, prediction, PREDICTION_STATUSES) | {
             "status": status, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
         p_values.setdefault("completed_at", now)
         opts = {"synchronize_session": False}
@@ -273,8 +263,9 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
                 .where(col(Prediction.id) == prediction_id,
                        col(Prediction.status).in_(ACTIVE_STATUSES))
                 .values(**p_values), execution_options=opts)
+            await self._drop_settled_holds(session, prediction_id)
         self._wrote("finish_with_attempt")
-        return _rowcount(result) > 0
+        return rowcount(result) > 0
 
     async def request_cancel(self, prediction_id: str) -> Prediction | None:
         """Flag a non-terminal prediction for cancellation; the row as it now is.
@@ -308,41 +299,6 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         async with self._sessions() as session:
             return list(await session.scalars(stmt))
 
-    async def add_attempt(self, a: Attempt) -> Attempt:
-        """Insert `a`; returned (the same object) with its id set."""
-        async with self._sessions() as session:
-            session.add(a)
-            await session.commit()
-        self._wrote("add_attempt")
-        return a
-
-    async def begin_attempt(self, a: Attempt) -> bool:
-        """Insert `a` only while its prediction is active and no cancel was asked
-        for, atomically: the row lock taken here orders it against
-        `request_cancel`, so a cancel that has returned is never followed by a
-        new upstream submit. False (nothing written) when it may not start."""
-        async with self._sessions() as session, session.begin():
-            result = await session.execute(
-                update(Prediction)
-                .where(col(Prediction.id) == a.prediction_id,
-                       col(Prediction.status).in_(ACTIVE_STATUSES),
-                       col(Prediction.cancel_requested).is_(False))
-                .values(updated_at=utcnow()),
-                execution_options={"synchronize_session": False})
-            if _rowcount(result) == 0:
-                return False
-            session.add(a)
-        self._wrote("begin_attempt")
-        return True
-
-    async def update_attempt(self, attempt_id: int, **fields: Any) -> bool:
-        """Set columns by name. False if no such row."""
-        values = _checked(Attempt, fields, ATTEMPT_STATUSES)
-        stmt = update(Attempt).where(col(Attempt.id) == attempt_id).values(**values)
-        written = await self._write(stmt) > 0
-        self._wrote("update_attempt")
-        return written
-
     async def attempts_for(self, prediction_ids: Iterable[str]) -> dict[str, list[Attempt]]:
         """Attempts of many predictions in one query, each list ordered by seq.
 
@@ -372,4 +328,4 @@ class Store(LeaseMixin, KeysMixin, SpendMixin):
         """Run one UPDATE in its own transaction; rows matched."""
         async with self._sessions() as session, session.begin():
             result = await session.execute(stmt, execution_options={"synchronize_session": False})
-            return _rowcount(result)
+            return rowcount(result)

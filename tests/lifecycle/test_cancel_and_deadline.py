@@ -109,15 +109,15 @@ async def test_a_crash_inside_the_lifecycle_fails_the_prediction_cleanly(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     a = ScriptedProvider("a", [Accept(polls=1)])
     service = harness.service(a)
-    real = harness.store.update_attempt
+    async def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("disk on fire")
 
-    async def broken(attempt_id: int, **fields: object) -> bool:
-        if fields.get("status") == "processing":
-            raise RuntimeError("disk on fire")
-        return await real(attempt_id, **fields)
-
-    monkeypatch.setattr(service.runner.attempts.store, "update_attempt", broken)
+    # The write that records the upstream id fails: a bug or a store outage.
+    monkeypatch.setattr(service.runner.attempts.store, "accept_attempt", broken)
     run = await finished(service, await service.submit(request()))
-    pred, _ = await harness.rows(run.pred.id)
+    pred, attempts = await harness.rows(run.pred.id)
     assert pred.status == "failed" and pred.error == "internal error: RuntimeError"
     assert run.done.is_set()
+    # The job it made upstream may be billed: its attempt is closed at that price.
+    assert attempts[0].status == "unknown" and attempts[0].cost_micro_usd == a.billed["a-1"]
+    assert pred.cost_micro_usd == a.billed["a-1"]

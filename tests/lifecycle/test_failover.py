@@ -92,7 +92,7 @@ async def test_outcome_unknown_is_never_submitted_again_to_that_provider(
 
 async def test_rate_limited_provider_is_retried_after_its_cooldown(harness: Harness) -> None:
     a = ScriptedProvider("a", [Raise(ErrorKind.RATE_LIMITED, retry_after=30), Accept()])
-    service = harness.service(a)
+    service = harness.service(a, unavailable_wait_s=60)
     run = await finished(service, await service.submit(request()))
     pred, attempts = await harness.rows(run.pred.id)
     assert pred.status == "completed" and a.submits == 2
