@@ -149,3 +149,40 @@ def test_killed_during_submit_is_never_resubmitted(
     assert done["attempts"][0]["status"] == "unknown"
     assert done["attempts"][0]["error_kind"] == "outcome_unknown"
     assert vibedream_sim.stats["submits"] == 1
+
+
+def test_completed_attempt_behind_an_unfinished_prediction_is_delivered_not_paid_twice(
+    tmp_path: Path, vibedream_sim: SimulatorServer, wavespeed_sim: SimulatorServer
+) -> None:
+    """The crash window found on main: the attempt row says completed, the prediction
+    row does not (a row written by an older version, or a database edited by hand).
+    With a second provider in the chain the old code submitted again there."""
+    import sqlite3
+
+    config = tmp_path / "proxy.toml"
+    db = tmp_path / "proxy.db"
+    _write_config(config, vibedream_sim, db, 30.0)
+    ws_host = urlsplit(wavespeed_sim.base_url).netloc
+    config.write_text(config.read_text().replace('order = ["vibedream"]',
+                                                 'order = ["vibedream", "wavespeed"]') + f"""
+[providers.wavespeed]
+base_url = "{wavespeed_sim.base_url}"
+api_key = "sim-key"
+asset_hosts = ["{ws_host}"]
+allow_private_asset_hosts = true
+poll_initial_s = 0.05
+""")
+    body = {"prompt": "a lighthouse", "size": "512*512", "enable_sync_mode": True}
+    with proxy_process(config, "node-a") as (base, _):
+        first = httpx.post(f"{base}/v1/predictions", json=body, timeout=30).json()
+    assert first["status"] == "completed"
+    with sqlite3.connect(db) as conn:  # back to "processing", lease expired, attempt untouched
+        conn.execute("UPDATE predictions SET status='processing', outputs=NULL, "
+                     "completed_at=NULL, lease_owner='node-x', "
+                     "lease_expires_at='2000-01-01 00:00:00' WHERE id=?", (first["id"],))
+    with proxy_process(config, "node-a") as (base, _):
+        done = _wait(base, first["id"], lambda b: b["status"] in ("completed", "failed"))
+    assert done["status"] == "completed" and done["outputs"], done
+    assert done["provider"] == "vibedream"
+    assert vibedream_sim.stats["submits"] == 1 and wavespeed_sim.stats["submits"] == 0
+    assert done["cost_micro_usd"] == 20_000  # not 32,000: paid once

@@ -9,6 +9,7 @@ already has and never submits the same attempt twice.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +22,8 @@ from proxy.lifecycle.attempts import Attempts
 from proxy.lifecycle.hedging import first_result, hedged, propagate
 from proxy.lifecycle.polling import Canceled
 from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
+from proxy.lifecycle.steps import Plan as StepPlan
+from proxy.lifecycle.steps import Step, resume_steps
 from proxy.routing import Plan, Router
 from proxy.routing.admission import Admitted
 from proxy.schema import generation_from_stored
@@ -31,6 +34,19 @@ __all__ = ["Outcome", "Run", "Runner"]
 log = get_logger("flux_proxy.runner")
 # A provider that answered 429 created nothing: it may be asked again after its cooldown.
 _RETRY_SAME = frozenset({ErrorKind.RATE_LIMITED.value})
+
+
+def without_inline_images(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored request with inline (data: URI) images replaced by their SHA-256,
+    or None when it has none. Applied when a prediction ends: until then a failover
+    or a resume must be able to send the image again."""
+    slim, changed = dict(request), False
+    for name in ("image", "mask_image"):
+        value = slim.get(name)
+        if isinstance(value, str) and value.startswith("data:"):
+            slim[name] = "sha256:" + hashlib.sha256(value.encode("ascii", "replace")).hexdigest()
+            changed = True
+    return slim if changed else None
 
 
 class Runner:
@@ -69,13 +85,16 @@ class Runner:
     async def _drive(self, run: Run) -> None:
         pred = run.pred
         gen = generation_from_stored(pred.request)
-        if pred.cancel_requested:  # asked while no one drove it: no new submit, ever
+        plan = resume_steps(pred, run.attempts)  # what the rows say comes next
+        if Step.DONE in plan.steps:
+            return
+        if Step.CANCEL in plan.steps:  # asked while no one drove it: no new submit, ever
             run.cancel.fire("canceled by client")
-        if pred.status == "queued":
+        if Step.START in plan.steps:
             await self._set_pred(run, status="processing", started_at=self.clock.now())
             log.info("prediction.processing", prediction_id=pred.id, api_key_id=pred.api_key_id)
         try:
-            outcome = await self._resume_inflight(run, gen)
+            outcome = await self._resume_inflight(run, gen, plan)
             if outcome is None or (not outcome.ok and outcome.retryable):
                 outcome = await self._try_providers(run, gen, outcome)
         except Canceled:
@@ -97,13 +116,14 @@ class Runner:
                                         error="outcome unknown: the proxy failed mid-attempt",
                                         kind=ErrorKind.OUTCOME_UNKNOWN)
 
-    async def _resume_inflight(self, run: Run, gen: GenerationRequest) -> Outcome | None:
+    async def _resume_inflight(self, run: Run, gen: GenerationRequest, plan: StepPlan
+                               ) -> Outcome | None:
         """Continue from what the store says (a restart, or a takeover from a dead
         replica): every attempt that has an upstream job is followed again (a
         completed one is re-read for its outputs), and one that died before its
         upstream id was recorded is closed as outcome-unknown, never resubmitted."""
         last: Outcome | None = None
-        for attempt in [a for a in run.attempts if a.status == "submitting"]:
+        for attempt in plan.close_unknown:
             provider = self.router.resumed(attempt.provider)
             msg = "outcome unknown: the proxy stopped while submitting"
             cost = provider.attempt_cost_micro_usd(gen, None) if provider else 0
@@ -111,8 +131,7 @@ class Runner:
                                     kind=ErrorKind.OUTCOME_UNKNOWN)
             last = Outcome(False, provider=attempt.provider, error=msg,
                            kind=ErrorKind.OUTCOME_UNKNOWN, attempt=attempt)
-        upstream = [a for a in run.attempts
-                    if a.status in ("processing", "completed") and a.upstream_id]
+        upstream = [*plan.follow, *plan.read_back]
         follows: dict[asyncio.Task[Outcome], CancelSignal] = {}
         for attempt in upstream:
             provider = self.router.resumed(attempt.provider)
@@ -253,6 +272,9 @@ class Runner:
             "cost_micro_usd": sum(a.cost_micro_usd for a in run.attempts),
             "timings": timings,
         }
+        slim = without_inline_images(pred.request)
+        if slim is not None:  # only a resume needed them: the row keeps a digest
+            fields["request"] = slim
         if not await self._write_end(run, outcome, status=status, completed_at=now, **fields):
             # Someone else ended it first (a cancel handled elsewhere): theirs stands.
             stored = await self.store.get_prediction(pred.id)

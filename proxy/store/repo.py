@@ -197,6 +197,7 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         cost_micro_usd: int = _UNSET,
         timings: dict[str, Any] | None = _UNSET,
         provider: str | None = _UNSET,
+        request: dict[str, Any] = _UNSET,
         completed_at: datetime | None = None,
     ) -> bool:
         """Move a non-terminal prediction to terminal `status` and end its lease.
@@ -215,6 +216,7 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
             "cost_micro_usd": cost_micro_usd,
             "timings": timings,
             "provider": provider,
+            "request": request,
         }
         now = utcnow()
         values: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}

@@ -119,3 +119,24 @@ async def test_max_attempts_bounds_submits(harness: Harness) -> None:
     pred, attempts = await harness.rows(run.pred.id)
     assert pred.status == "failed" and len(attempts) == 2
     assert [p.submits for p in providers] == [1, 1, 0, 0]
+
+
+async def test_an_inline_image_is_kept_only_while_a_resume_may_need_it(
+        harness: Harness) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(png, format="PNG")
+    inline = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    a = ScriptedProvider("a", [Accept(polls=3)])
+    service = harness.service(a)
+    run = await service.submit(request(image=inline, strength=0.6))
+    stored = await harness.store.get_prediction(run.pred.id)
+    assert stored is not None and stored.request["image"] == inline  # a resume resends it
+    await finished(service, run)
+    pred, _ = await harness.rows(run.pred.id)
+    assert pred.status == "completed"
+    assert pred.request["image"].startswith("sha256:") and len(pred.request["image"]) == 71
