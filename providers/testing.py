@@ -198,7 +198,7 @@ class ScriptedProvider(BaseProvider):
             await asyncio.sleep(step.after_s)
         job = self._create(step, req)
         if step.sync:
-            return self._terminal(job)
+            return self._terminal(job, step.charged_micro_usd)
         return UpstreamJob(job.upstream_id, JobStatus.PROCESSING,
                            poll_url=f"{self.settings.base_url}/jobs/{job.upstream_id}",
                            charged_micro_usd=step.charged_micro_usd, raw_status="queued")
@@ -209,10 +209,12 @@ class ScriptedProvider(BaseProvider):
         if state is None:
             raise ERRORS_BY_KIND[ErrorKind.UNAVAILABLE](
                 f"{self.name}: no job {job.upstream_id}", provider=self.name, final=True)
+        # Like VibeDream, the price is quoted at submit only: a poll carries forward
+        # whatever quote the caller's job holds (a caller that lost it gets none).
+        quote = job.charged_micro_usd
         if state.canceled:
             return UpstreamJob(state.upstream_id, JobStatus.CANCELED, poll_url=job.poll_url,
-                               charged_micro_usd=state.step.charged_micro_usd,
-                               raw_status="canceled")
+                               charged_micro_usd=quote, raw_status="canceled")
         if state.polls:
             step = state.polls.pop(0)
             if isinstance(step, Hang):
@@ -220,9 +222,8 @@ class ScriptedProvider(BaseProvider):
             if isinstance(step, Raise):
                 raise self._error(step)
             return UpstreamJob(state.upstream_id, JobStatus.PROCESSING, poll_url=job.poll_url,
-                               charged_micro_usd=state.step.charged_micro_usd,
-                               raw_status="processing")
-        return self._terminal(state)
+                               charged_micro_usd=quote, raw_status="processing")
+        return self._terminal(state, quote)
 
     async def cancel(self, job: UpstreamJob) -> bool:
         self.calls.append(("cancel", job.upstream_id))
@@ -254,10 +255,9 @@ class ScriptedProvider(BaseProvider):
         self._requests[upstream_id] = req
         return job
 
-    def _terminal(self, job: _Job) -> UpstreamJob:
+    def _terminal(self, job: _Job, charged: int | None) -> UpstreamJob:
         end = job.step.then
         req = self._requests[job.upstream_id]
-        charged = job.step.charged_micro_usd
         poll_url = f"{self.settings.base_url}/jobs/{job.upstream_id}"
         if isinstance(end, Fail):
             return UpstreamJob(job.upstream_id, JobStatus.FAILED, poll_url=poll_url,

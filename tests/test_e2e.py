@@ -135,7 +135,9 @@ async def test_base64_refuses_output_from_a_host_outside_the_allowlist(
             "size": "512*512"})
     body = r.json()
     assert body["status"] == "failed"
-    assert body["attempts"][0]["error_kind"] == "malformed_response"
+    # Our own allowlist refused it: a configuration error naming the setting.
+    assert body["attempts"][0]["error_kind"] == "configuration_error"
+    assert "providers.vibedream.asset_hosts" in body["attempts"][0]["error"]
     assert vibedream_sim.stats["asset_gets"] == 0
 
 

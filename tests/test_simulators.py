@@ -449,3 +449,168 @@ def test_stop_is_bounded_with_held_requests() -> None:
     for t in threads:
         t.join(5)
         assert not t.is_alive()
+
+
+# --------------------------------------------------------------------------- billing log
+
+
+def _billing(client: httpx.Client, base: str = "") -> dict[str, Any]:
+    r = client.get(f"{base}/_sim/billing")
+    assert r.status_code == 200
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def _settle(client: httpx.Client, n: int, base: str = "") -> dict[str, Any]:
+    """The billing log once it lists `n` tasks, all final."""
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        log = _billing(client, base)
+        if log["count"] == n and all(t["final"] for t in log["tasks"]):
+            return log
+        time.sleep(0.02)
+    raise AssertionError(f"the billing log never settled: {_billing(client, base)}")
+
+
+def _task_id(kind: str, answer: httpx.Response) -> str:
+    body = answer.json()
+    return str(body["data"]["id"] if kind == "wavespeed" else body["id"])
+
+
+# What each upstream charges, micro-USD: VibeDream its quoted costCents (2 per image by
+# default), failed jobs too; WaveSpeed 12,000 per image, failed tasks nothing.
+PRICE = {"vibedream": 20_000, "wavespeed": 12_000}
+BILLS_FAILED = {"vibedream": True, "wavespeed": False}
+
+
+@KINDS
+def test_billing_log_matches_what_was_submitted(
+    fresh: dict[str, SimulatorServer], post: Post, pool: httpx.Client, kind: str
+) -> None:
+    sim = fresh[kind]
+    url = sim.base_url + SUBMIT[kind]
+    accepted = {  # prompt -> (num_images, ends failed)
+        "plain": (1, False), "four": (4, False), "[sim:moderate] two": (2, True),
+        "[sim:fail-after-accept] three": (3, True),
+    }  # fmt: skip
+    ids = {}
+    for prompt, (n, _) in accepted.items():
+        r = pool.post(url, json={"prompt": prompt, "num_images": n})
+        assert r.status_code == 200
+        ids[_task_id(kind, r)] = prompt
+    # Refused before any task exists: nothing is billed for these.
+    assert post(kind, "p [sim:429]").status_code == 429
+    assert post(kind, "p [sim:503]").status_code == 503
+    assert post(kind, "p [sim:malformed]").status_code == 200
+    assert pool.post(url, json={"prompt": "p", "num_images": 9}).status_code == 400
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(kind, "p [sim:drop]")
+    log = _settle(pool, len(accepted), sim.base_url)
+    assert log["kind"] == kind and log["unit"] == "micro_usd"
+    assert log["refunds_failed"] is not BILLS_FAILED[kind]
+    assert [t["task_id"] for t in log["tasks"]] == list(ids)  # oldest first
+    total = 0
+    for task in log["tasks"]:
+        prompt = ids[task["task_id"]]
+        n, fails = accepted[prompt]
+        price = PRICE[kind] * n
+        charged = 0 if fails and not BILLS_FAILED[kind] else price
+        total += charged
+        assert task["prompt"] == prompt and task["num_images"] == n
+        assert task["price_micro_usd"] == price and task["charged_micro_usd"] == charged
+        assert task["status"] == ("failed" if fails else "completed")
+        assert task["answered"] is True and task["sync"] is False
+        assert ISO.match(task["created_at"])
+    assert log["total_charged_micro_usd"] == log["charged_micro_usd"] == total
+    assert log["evicted"] == 0
+    assert sim.billing == _billing(pool, sim.base_url)  # the in-process view is the same
+    assert sim.stats["jobs"] == len(accepted)
+
+
+@KINDS
+def test_drop_after_accept_task_exists_and_is_billed(
+    fresh: dict[str, SimulatorServer], post: Post, pool: httpx.Client, kind: str
+) -> None:
+    sim = fresh[kind]
+    with pytest.raises(httpx.RemoteProtocolError):  # no answer at all: no id for the client
+        pool.post(
+            sim.base_url + SUBMIT[kind],
+            json={"prompt": "p [sim:drop-after-accept]", "num_images": 2},
+        )
+    sim.config.drop_after_accept = True
+    with pytest.raises(httpx.RemoteProtocolError):
+        post(kind, "q")
+    sim.config.drop_after_accept = False
+    log = _settle(pool, 2, sim.base_url)
+    first, second = log["tasks"]
+    assert first["answered"] is second["answered"] is False
+    assert (first["num_images"], second["num_images"]) == (2, 1)
+    assert first["charged_micro_usd"] == PRICE[kind] * 2
+    assert second["charged_micro_usd"] == PRICE[kind]
+    assert log["total_charged_micro_usd"] == PRICE[kind] * 3
+    assert sim.stats["jobs"] == 2
+    # The task is real: polled by the id from the log, it completed.
+    poll = (
+        f"/api/v3/predictions/{first['task_id']}/result"
+        if kind == "wavespeed"
+        else f"/api/v1/predictions/{first['task_id']}"
+    )
+    body = pool.get(sim.base_url + poll).json()
+    data = body["data"] if kind == "wavespeed" else body
+    assert data["status"] == "completed" and len(data["outputs"]) == 2
+
+
+def test_billing_sync_mode_client_gone(ws: httpx.Client) -> None:
+    """A client that leaves a sync-mode wait never learns the id; the task goes on."""
+    body = {"prompt": "p [sim:latency=0.4]", "enable_sync_mode": True, "num_images": 3}
+    with pytest.raises(httpx.ReadTimeout):
+        ws.post(WS_SUBMIT, json=body, timeout=httpx.Timeout(5.0, read=0.1))
+    ws.post(WS_SUBMIT, json=body | {"prompt": "p"})  # answered: completed in the answer
+    log = _settle(ws, 2)
+    gone, answered = log["tasks"]
+    assert (gone["answered"], answered["answered"]) == (False, True)
+    assert gone["sync"] is answered["sync"] is True
+    assert gone["status"] == answered["status"] == "completed"
+    assert gone["charged_micro_usd"] == answered["charged_micro_usd"] == 36_000
+
+
+def test_billing_prices_follow_the_knobs(
+    vd: httpx.Client, ws: httpx.Client, servers: dict[str, SimulatorServer]
+) -> None:
+    assert vd.post("/_sim/config", json={"cost_cents": 3}).status_code == 200
+    sub = vd.post(VD_SUBMIT, json={"prompt": "p", "num_images": 2}).json()
+    assert sub["costCents"] == 6  # the quote and the log agree
+    ws.post("/_sim/config", json={"price_micro_usd_per_image": 25_000})
+    ws.post(WS_SUBMIT, json={"prompt": "p", "num_images": 2})
+    ws.post(WS_SUBMIT, json={"prompt": "p [sim:status=cancelled]"})
+    vd_log, ws_log = _settle(vd, 1), _settle(ws, 2)
+    assert vd_log["tasks"][0]["charged_micro_usd"] == 60_000
+    assert [t["charged_micro_usd"] for t in ws_log["tasks"]] == [50_000, 0]
+    assert [t["status"] for t in ws_log["tasks"]] == ["completed", "cancelled"]
+    # A later price change does not re-price tasks already accepted.
+    vd.post("/_sim/config", json={"cost_cents": 10})
+    assert _billing(vd)["tasks"][0]["charged_micro_usd"] == 60_000
+    # Reset empties the log (and restores the creation prices).
+    assert vd.post("/_sim/reset").status_code == 200
+    assert _billing(vd)["count"] == 0 and _billing(vd)["total_charged_micro_usd"] == 0
+    assert servers["vibedream"].config.cost_cents == 2
+
+
+def test_billing_log_is_bounded_but_totals_are_not(
+    ws: httpx.Client, servers: dict[str, SimulatorServer]
+) -> None:
+    servers["wavespeed"].config.max_jobs = 2
+    for n in (1, 2, 3):
+        ws.post(WS_SUBMIT, json={"prompt": "p", "num_images": n, "enable_sync_mode": True})
+    log = _billing(ws)
+    assert [t["num_images"] for t in log["tasks"]] == [2, 3]
+    assert log["evicted"] == 1 and log["evicted_charged_micro_usd"] == 12_000
+    assert log["total_charged_micro_usd"] == 12_000 * 6
+
+
+def test_module_main_refuses_bad_config() -> None:
+    from providers.simulators.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["wavespeed", "--config", '{"no_such_knob": 1}'])
+    assert exc.value.code == 2

@@ -2,13 +2,15 @@
 
 Routes (besides the wire's own submit and poll):
 `GET /assets/{job}/{index}.{ext}` the images (no auth, like a CDN);
-`GET /_sim/stats`, `GET|POST /_sim/config`, `POST /_sim/reset`, `GET /_sim/health`.
+`GET /_sim/stats`, `GET|POST /_sim/config`, `POST /_sim/reset`, `GET /_sim/health`,
+`GET /_sim/billing` (every accepted task and its charge: `billing.py`).
 The knobs are documented in `config.py`.
 
 Order of a submit: submit latency, auth (401), body (400), then faults: hang, drop,
 429 (directive, `rate_limit`, `max_rps`), 5xx (directive, `error_rate`), malformed;
-then validation (400), then the job is accepted and its fate (moderation, failure after
-accept, NSFW flags) is fixed from the knobs at that moment.
+then validation (400), then the job is accepted (and billed) and its fate (moderation,
+failure after accept, NSFW flags) is fixed from the knobs at that moment; then, with
+`drop_after_accept`, the connection is closed without an answer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .asgi import (
     respond_json,
     wait,
 )
+from .billing import BillingLog
 from .config import Directives, SimConfig, parse_directives
 from .faults import Faults, retry_after
 from .images import CONTENT_TYPES, render_image
@@ -74,6 +77,7 @@ class SimulatorApp:
         self._initial = self.config.copy()
         self.stats = Stats()
         self.jobs = JobStore(self.config.max_jobs)
+        self.billing = BillingLog(self.config.max_jobs)
         self.faults = Faults(self.config)
         self._closing: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,6 +89,7 @@ class SimulatorApp:
         if not keep_config:
             self.config.assign(self._initial.copy())
         self.jobs.clear()
+        self.billing.clear()
         self.stats = Stats()
         self.faults.reseed()
 
@@ -176,6 +181,9 @@ class SimulatorApp:
         except WireError as exc:
             return await self._error(send, 400, str(exc))
         job = self._accept(spec, directives)
+        if directives.drop_after_accept or cfg.drop_after_accept:
+            self.billing.unanswered(job.id)
+            return await drop_connection(send, receive)
         base = self._base(scope)
         if spec.sync and wire.supports_sync:
             return await self._sync(receive, send, job, base)
@@ -218,8 +226,9 @@ class SimulatorApp:
             poll_5xx_left=d.poll_5xx,
             poll_malformed_left=d.poll_malformed,
         )
-        self.jobs.max_jobs = cfg.max_jobs
+        self.jobs.max_jobs = self.billing.max_entries = cfg.max_jobs
         self.jobs.add(job)
+        self.billing.add(job, self.wire.price_micro_usd(spec, cfg), self.wire)
         self.stats.jobs += 1
         return job
 
@@ -230,6 +239,7 @@ class SimulatorApp:
         give_up = cfg.sync_give_up_s
         outcome = await wait(receive, min(remaining, give_up), self._closing_event())
         if outcome == "disconnect":
+            self.billing.unanswered(job.id)  # the client left: it never saw the id
             return
         if outcome == "elapsed" and remaining <= give_up:
             return await respond_json(send, 200, self.wire.poll_body(job, base, job.done_at))
@@ -280,6 +290,9 @@ class SimulatorApp:
     async def _control(self, receive: Receive, send: Send, method: str, path: str) -> None:
         if path == "/_sim/stats" and method == "GET":
             return await respond_json(send, 200, self.stats.as_dict())
+        if path == "/_sim/billing" and method == "GET":
+            body = self.billing.as_dict(self.wire, time.monotonic())
+            return await respond_json(send, 200, body)
         if path == "/_sim/health" and method == "GET":
             return await respond_json(send, 200, {"ok": True, "kind": self.kind})
         if path == "/_sim/config" and method == "GET":

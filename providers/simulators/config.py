@@ -20,6 +20,8 @@ max_rps              None       token bucket on submits; over it -> 429
 hang                 False      submits are never answered (until the client leaves)
 hang_s               3600.0     how long a hang lasts at most
 drop                 False      submits close the connection without any response
+drop_after_accept    False      the task is created (and billed), then the connection is
+                                closed without any response: the client never learns its id
 malformed            False      submits answered 200 with a bad body
 malformed_body       "text"     "text": non-JSON HTML; "shape": JSON of the wrong shape
 moderate             False      accepted, then failed as a content-moderation refusal
@@ -28,7 +30,10 @@ fail_after_accept    False      accepted, then failed with a non-policy error
 fail_code            5000       the WaveSpeed `data.code` of `fail_after_accept`
 poll_error_rate      0.0        fraction of polls answered `status_5xx`
 poll_malformed       False      polls answered 200 with a bad body
-cost_cents           2          VibeDream `costCents` per image
+cost_cents           2          VibeDream `costCents` per image (billed even if it fails)
+price_micro_usd_per_image
+                     12000      WaveSpeed's price per image, micro-USD (failed tasks: 0);
+                                only the billing log shows it (the wire has no price)
 sync_give_up_s       90.0       WaveSpeed sync mode gives up after this long
 sync_timeout_mode    "5004"     give-up answer: "5004" (200, processing, data.code 5004)
                                 or "504" (bare HTTP 504 with an HTML body)
@@ -42,10 +47,13 @@ request only: `[sim:moderate]`, `[sim:nsfw]` (all images) or `[sim:nsfw=0,2]` (t
 indices), `[sim:fail-after-accept]`, `[sim:code=1402]` (fail with that WaveSpeed code),
 `[sim:status=cancelled|timeout|deleted|failed]` (end in that terminal status),
 `[sim:500]` / `[sim:503]` / `[sim:429]` (answer the submit with that HTTP status),
-`[sim:hang]` / `[sim:hang=2]`, `[sim:drop]`, `[sim:malformed]` / `[sim:malformed=shape]`,
+`[sim:hang]` / `[sim:hang=2]`, `[sim:drop]`, `[sim:drop-after-accept]`,
+`[sim:malformed]` / `[sim:malformed=shape]`,
 `[sim:latency=1.5]` (job latency), `[sim:submit-latency=0.2]`, `[sim:poll-500]` /
 `[sim:poll-500=3]` (the job's first N polls answer `status_5xx`), `[sim:poll-malformed=N]`.
 An unknown directive is answered 400, so a typo never passes silently.
+
+Every accepted task is in the billing log (`GET /_sim/billing`, see `billing.py`).
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class SimConfig:
     hang: bool = False
     hang_s: float = 3600.0
     drop: bool = False
+    drop_after_accept: bool = False
     malformed: bool = False
     malformed_body: Literal["text", "shape"] = "text"
     moderate: bool = False
@@ -86,6 +95,7 @@ class SimConfig:
     poll_error_rate: float = 0.0
     poll_malformed: bool = False
     cost_cents: int = 2
+    price_micro_usd_per_image: int = 12_000
     sync_give_up_s: float = 90.0
     sync_timeout_mode: Literal["5004", "504"] = "5004"
     strict_steps: bool = False
@@ -139,6 +149,7 @@ class Directives:
     hang: bool = False
     hang_s: float | None = None
     drop: bool = False
+    drop_after_accept: bool = False
     malformed: Literal["text", "shape"] | None = None
     moderate: bool = False
     nsfw: bool = False
@@ -181,6 +192,8 @@ def _apply(out: Directives, name: str, value: str) -> None:
         out.hang_s = _seconds(value) if value else None
     elif name == "drop":
         out.drop = True
+    elif name == "drop-after-accept":
+        out.drop_after_accept = True
     elif name == "malformed":
         if value not in ("", "text", "shape"):
             raise ValueError("malformed is 'text' or 'shape'")

@@ -60,9 +60,10 @@ class SimulatorServer:
     """A simulator on 127.0.0.1, on a port the OS picks, in a background thread.
 
     Use as `with SimulatorServer("wavespeed") as sim:` (or `async with`); then
-    `sim.base_url`, `sim.config` (live: assign fields to change knobs), `sim.stats`
-    and `sim.reset()`. Stopping is bounded (a few seconds at worst): held requests
-    (hangs, sync waits) are released first.
+    `sim.base_url`, `sim.config` (live: assign fields to change knobs), `sim.stats`,
+    `sim.billing` (every accepted task and its charge) and `sim.reset()`. Stopping is
+    bounded (a few seconds at worst): held requests (hangs, sync waits) are released
+    first.
     """
 
     def __init__(
@@ -96,6 +97,11 @@ class SimulatorServer:
     @property
     def stats(self) -> dict[str, int]:
         return self.app.stats.as_dict()
+
+    @property
+    def billing(self) -> dict[str, Any]:
+        """The billing log, as `GET /_sim/billing` serves it (see `billing.py`)."""
+        return self.app.billing.as_dict(self.app.wire, time.monotonic())
 
     def reset(self, *, keep_config: bool = False) -> None:
         """Forget jobs and counters; restore the creation config unless `keep_config`."""

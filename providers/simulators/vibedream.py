@@ -15,13 +15,16 @@ Where the seed is silent (chosen to look like the real service, and said so here
 - there is no sync mode, no base64 output and no NSFW flag: those request fields are
   ignored like any other unknown field;
 - terminal statuses other than completed (WaveSpeed's cancelled/timeout/deleted, which
-  directives can ask for) are reported as `failed`, since the seed lists only three.
+  directives can ask for) are reported as `failed`, since the seed lists only three;
+- billing (the `/_sim/billing` log): the quoted `costCents` is charged even when the job
+  then fails, since the seed quotes it at submit and says nothing of refunds.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .billing import MICRO_USD_PER_CENT
 from .config import SimConfig
 from .jobs import Job, JobSpec
 from .wire import (
@@ -106,6 +109,15 @@ class VibeDreamWire(Wire):
             "costCents": config.cost_cents * job.spec.num_images,
             "createdAt": job.created_iso,
         }
+
+    def price_micro_usd(self, spec: JobSpec, config: SimConfig) -> int:
+        # The costCents quoted at submit (the whole job), billed even if the job fails.
+        return config.cost_cents * spec.num_images * MICRO_USD_PER_CENT
+
+    def status_of(self, job: Job, now: float) -> str:
+        if job.phase(now) != "done":
+            return "processing"
+        return "completed" if job.failure is None else "failed"
 
     def poll_body(self, job: Job, base: str, now: float) -> dict[str, Any]:
         done = job.phase(now) == "done"

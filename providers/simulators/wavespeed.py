@@ -13,7 +13,10 @@ Known behaviour beyond the seed, simulated here:
   past `sync_give_up_s` it answers 200 with `data.status` "processing" and `data.code`
   5004 (the task goes on and a later poll returns it);
 - `enable_base64_output` puts plain base64 strings (no `data:` prefix) in `outputs`;
-- `has_nsfw_contents` has one bool per output once completed, and is [] before.
+- `has_nsfw_contents` has one bool per output once completed, and is [] before;
+- billing (the `/_sim/billing` log): `price_micro_usd_per_image` x images per task (the
+  seed states no price; the default is the list price the proxy's adapter assumes), and
+  nothing for a task that ends failed, cancelled, timeout or deleted.
 Where even that is silent (our choice): submit validation errors are 400
 `{code: 400, message, data: null}`, an unknown id is 404 `{code: 404, message, data:
 null}`, 429 / 5xx use the same envelope, and a bad key is 401 `{code: 401, message}`.
@@ -105,6 +108,19 @@ class WaveSpeedWire(Wire):
             base64_output=boolean(body, "enable_base64_output", False),
             sync=boolean(body, "enable_sync_mode", False),
         )
+
+    refunds_failed = True  # WaveSpeed does not bill failed tasks
+
+    def price_micro_usd(self, spec: JobSpec, config: SimConfig) -> int:
+        return config.price_micro_usd_per_image * spec.num_images
+
+    def status_of(self, job: Job, now: float) -> str:
+        phase = job.phase(now)
+        if phase == "queued":
+            return "created"
+        if phase == "running":
+            return "processing"
+        return "completed" if job.failure is None else job.failure.status
 
     def submit_body(self, job: Job, base: str, config: SimConfig) -> dict[str, Any]:
         # The asynchronous submit answers before any work: always "created".

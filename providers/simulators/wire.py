@@ -57,6 +57,19 @@ class Wire(ABC):
     def sync_give_up_body(self, job: Job, base: str, now: float) -> dict[str, Any]:
         raise NotImplementedError(f"{self.name} has no sync mode")
 
+    # -- billing (billing.py)
+
+    # Whether a task that ends failed (cancelled, timeout, deleted) is charged nothing.
+    refunds_failed: bool = False
+
+    @abstractmethod
+    def price_micro_usd(self, spec: JobSpec, config: SimConfig) -> int:
+        """What a task of `spec` costs, fixed when it is accepted (before any refund)."""
+
+    @abstractmethod
+    def status_of(self, job: Job, now: float) -> str:
+        """The task's status in this wire's words (what a poll would say)."""
+
     @abstractmethod
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """Body of a non-200 answer (400, 404, 429, 5xx)."""

@@ -122,8 +122,8 @@ class Attempts:
         raise_to = quoted if hold is not None and quoted is not None and (
             quoted > attempt.reserved_micro_usd) else None
         await self.store.accept_attempt(attempt, raise_hold_to=raise_to,
-                                        status="processing", **ids)
-        attempt.status = "processing"
+                                        status="processing", quoted_micro_usd=quoted, **ids)
+        attempt.status, attempt.quoted_micro_usd = "processing", quoted
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)
         return await self.follow(run, provider, attempt, gen, job, cancel)

@@ -126,7 +126,7 @@ class Runner:
         for attempt in plan.close_unknown:
             provider = self.router.resumed(attempt.provider)
             msg = "outcome unknown: the proxy stopped while submitting"
-            cost = provider.attempt_cost_micro_usd(gen, None) if provider else 0
+            cost = self.router.expected_cost(provider, gen) if provider else 0
             await self.attempts.end(run, attempt, provider, "unknown", cost=cost, error=msg,
                                     kind=ErrorKind.OUTCOME_UNKNOWN)
             last = Outcome(False, provider=attempt.provider, error=msg,
@@ -139,8 +139,10 @@ class Runner:
                      attempt=attempt.seq, upstream_id=attempt.upstream_id, status=attempt.status)
             if provider is None:  # no longer configured: it cannot be read back
                 continue
+            # The quote made at accept: a resumed attempt is charged what was quoted.
             job = UpstreamJob(attempt.upstream_id or "", JobStatus.PROCESSING,
-                              poll_url=attempt.poll_url)
+                              poll_url=attempt.poll_url,
+                              charged_micro_usd=attempt.quoted_micro_usd)
             signal = CancelSignal()
             if run.cancel.is_set():
                 signal.fire(run.cancel.reason)

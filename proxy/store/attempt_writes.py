@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from proxy.store._sql import checked_fields, rowcount
@@ -67,12 +68,8 @@ class AttemptWritesMixin(BudgetMixin):
                              **fields: Any) -> None:
         """The upstream accepted the attempt: its id (and, when it quoted above what
         was held, the hold raised to the quote), in one transaction."""
-        values = checked_fields(Attempt, fields, ATTEMPT_STATUSES)
-        assert attempt.id is not None
         async with self._sessions() as session, session.begin():
-            await session.execute(update(Attempt).where(col(Attempt.id) == attempt.id)
-                                  .values(**values),
-                                  execution_options={"synchronize_session": False})
+            await _set(session, attempt, fields)
             if raise_hold_to is not None:
                 await self._raise_hold(session, attempt.prediction_id, attempt.seq,
                                        raise_hold_to)
@@ -80,11 +77,14 @@ class AttemptWritesMixin(BudgetMixin):
 
     async def end_attempt(self, attempt: Attempt, **fields: Any) -> None:
         """Record an attempt's end (its cost) and drop its budget hold, atomically."""
-        values = checked_fields(Attempt, fields, ATTEMPT_STATUSES)
-        assert attempt.id is not None
         async with self._sessions() as session, session.begin():
-            await session.execute(update(Attempt).where(col(Attempt.id) == attempt.id)
-                                  .values(**values),
-                                  execution_options={"synchronize_session": False})
+            await _set(session, attempt, fields)
             await self._drop_hold(session, attempt.prediction_id, attempt.seq)
         self._wrote("update_attempt")
+
+
+async def _set(session: AsyncSession, attempt: Attempt, fields: dict[str, Any]) -> None:
+    values = checked_fields(Attempt, fields, ATTEMPT_STATUSES)
+    assert attempt.id is not None
+    await session.execute(update(Attempt).where(col(Attempt.id) == attempt.id).values(**values),
+                          execution_options={"synchronize_session": False})

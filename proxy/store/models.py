@@ -128,6 +128,10 @@ class Attempt(SQLModel, table=True):
     # bound is the sum of cost - reserved over attempts; see budget_reservations).
     reserved_micro_usd: int = Field(default=0, sa_column=Column(BigInteger, nullable=False,
                                                                 server_default="0"))
+    # The price the upstream quoted when it accepted (VibeDream's costCents), kept so a
+    # resumed attempt is charged what was quoted, not the fallback price.
+    quoted_micro_usd: int | None = Field(default=None, sa_column=Column(BigInteger,
+                                                                       nullable=True))
     api_key_id: str | None = Field(default=None, max_length=64)
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)

@@ -176,10 +176,11 @@ ONE_PROVIDER = {
 }
 
 
+@pytest.mark.parametrize("quote", [None, 30_000])  # list price, or quoted above it
 @pytest.mark.parametrize("n", sorted(ONE_PROVIDER))
 async def test_one_provider_crash_after_each_write(
-        harness: Harness, db_url: str, schema: str | None, n: int) -> None:
-    a = ScriptedProvider("a", [Accept(polls=2)] * 2, settings=FAST)
+        harness: Harness, db_url: str, schema: str | None, n: int, quote: int | None) -> None:
+    a = ScriptedProvider("a", [Accept(polls=2, charged_micro_usd=quote)] * 2, settings=FAST)
     prediction_id = await crash_then_resume(db_url, n, [a], harness, schema)
     status, attempts = await check_ledger(db_url, schema, prediction_id, [a])
     assert (status, attempts) == ONE_PROVIDER[n]

@@ -1,4 +1,4 @@
-"""Budget reservations in the database; what each attempt reserved.
+"""Budget reservations in the database; what each attempt reserved and was quoted.
 
 Revision ID: 0003
 Revises: 0002
@@ -32,10 +32,12 @@ def upgrade() -> None:
     with op.batch_alter_table("attempts") as batch:
         batch.add_column(sa.Column("reserved_micro_usd", sa.BigInteger(), nullable=False,
                                    server_default="0"))
+        batch.add_column(sa.Column("quoted_micro_usd", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("attempts") as batch:
+        batch.drop_column("quoted_micro_usd")
         batch.drop_column("reserved_micro_usd")
     op.drop_index("ix_budget_reservations_api_key_id", table_name="budget_reservations")
     op.drop_table("budget_reservations")
