@@ -104,7 +104,7 @@ class Attempts:
                 # Neither poll nor cancel is possible without an upstream id: say so.
                 error += "; it cannot be polled or canceled without an id, so it was left"
             await self.end(run, attempt, provider, "unknown" if unknown else "failed",
-                           cost=provider.attempt_cost_micro_usd(gen, None) if unknown else 0,
+                           cost=self.router.expected_cost(provider, gen) if unknown else 0,
                            error=error, kind=exc.kind, http_status=exc.status_code,
                            retry_after=exc.retry_after)
             return Outcome(False, provider=provider.name, error=error, kind=exc.kind)
