@@ -53,6 +53,8 @@ async def test_a_request_past_the_budget_is_refused_before_anything_is_written(
     rows, _ = await harness.store.list_predictions(api_key_id=key.id)
     assert {p.id for p in rows} == {first.pred.id, second.pred.id}
     assert a.submits <= 2
+    for run in (first, second):
+        await finished(service, run)
 
 
 async def test_a_failed_prediction_releases_its_reservation(harness: Harness) -> None:
