@@ -271,6 +271,9 @@ class PredictionView(msgspec.Struct):
     completed_at: datetime | None
     timings: dict[str, int]
     urls: Urls
+    # A cancel was asked and is durable; while `status` is not yet `canceled`, the
+    # attempts show what is still upstream (the driving replica is stopping it).
+    cancel_requested: bool = False
 
 
 class PredictionList(msgspec.Struct):

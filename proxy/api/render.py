@@ -43,4 +43,5 @@ def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> Pr
         completed_at=p.completed_at,
         timings=dict(p.timings or {}),
         urls=Urls(get=base, cancel=f"{base}/cancel"),
+        cancel_requested=bool(p.cancel_requested),
     )
