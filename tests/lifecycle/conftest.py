@@ -1,6 +1,11 @@
-"""The lifecycle in-process: PredictionService on scripted providers, a real
-SQLite store, and virtual time (looptime + FakeClock), so minutes of upstream
-waiting run in milliseconds and no socket is opened."""
+"""The lifecycle in-process: PredictionService on scripted providers, an
+in-memory store, and virtual time (looptime + FakeClock), so minutes of upstream
+waiting run in milliseconds and no socket is opened.
+
+The store is `MemoryStore` (no thread, nothing for looptime to wait on);
+tests/test_memory_store.py holds it to the SQL store's behaviour. Modules that
+also open the database through Store objects of their own (crash points,
+replicas) get the real SQLite store instead: `sqlite_store`."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -25,8 +30,12 @@ from proxy.lifecycle.service import PredictionService
 from proxy.routing import Router, RoutingSettings
 from proxy.schema import GenerateRequest
 from proxy.store import Store
+from proxy.store.memory import MemoryStore
 from proxy.store.models import ApiKey, Attempt, Prediction
 
+# These modules share the harness's database with Stores of their own (a restart,
+# a second replica), so their harness runs on a real SQLite file.
+_REAL_DATABASE_MODULES = frozenset({"test_crash_points", "test_budget_bound"})
 _FAST_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
@@ -75,7 +84,8 @@ def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-async def store(template_db: Path) -> AsyncIterator[Store]:
+async def sqlite_store(template_db: Path) -> AsyncIterator[Store]:
+    """The real Store on a migrated SQLite file (its engine: `.inner.engine`)."""
     # In memory-backed storage where there is one: each commit's fsync costs
     # milliseconds on disk, and these tests commit thousands of times.
     with tempfile.TemporaryDirectory(dir=_FAST_DIR) as folder:
@@ -84,6 +94,13 @@ async def store(template_db: Path) -> AsyncIterator[Store]:
         real = Store(f"sqlite+aiosqlite:///{path}")
         yield LoopTimeStore(real)  # type: ignore[misc]
         await real.dispose()
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> Store:
+    if request.module.__name__.rpartition(".")[2] in _REAL_DATABASE_MODULES:
+        return cast(Store, request.getfixturevalue("sqlite_store"))
+    return cast(Store, MemoryStore())
 
 
 @dataclass
