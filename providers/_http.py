@@ -129,7 +129,11 @@ async def download(
     settings: ProviderSettings,
     guard: media.OutboundGuard,
 ) -> tuple[bytes, str | None]:
-    """One output from the provider's asset hosts (never with our key), bounded.
+    """One output from the provider's asset hosts (never with our key), bounded:
+    `max_download_bytes` for this one, the process-wide download budget
+    (`max_inflight_download_bytes`, common/media/budget.py) for all at once; the
+    wait for that budget counts against `download_timeout_s`. A caller that keeps
+    the bytes opens `media.holding()` around the call to keep them counted.
 
     A refusal our own settings cause is a `ConfigurationError` naming the setting
     (asset_hosts, allow_private_asset_hosts), not the provider's failure."""

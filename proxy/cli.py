@@ -54,15 +54,25 @@ def _settings(**overrides: Any) -> Settings:
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(host: str | None, port: int | None, log_level: str | None) -> None:
-    """Apply migrations and serve the proxy."""
+    """Apply migrations and serve the proxy.
+
+    The process's memory budgets (max_inflight_download_bytes,
+    max_inflight_decode_bytes) are sized here, before the app starts, and clients
+    get the header and body read timeouts (proxy/client_timeouts.py)."""
     import uvicorn
 
+    from common.media import budget
     from proxy.app import create_app
+    from proxy.client_timeouts import protocol_class
 
     settings = _settings(host=host, port=port, log_level=log_level)
+    budget.configure(download_bytes=settings.max_inflight_download_bytes,
+                     decode_bytes=settings.max_inflight_decode_bytes)
     app = create_app(settings)
+    http = protocol_class(header_timeout_s=settings.client_header_timeout_s,
+                          body_timeout_s=settings.client_body_timeout_s)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, proxy_headers=True, server_header=False)
+                access_log=False, proxy_headers=True, server_header=False, http=http)
 
 
 @main.group()

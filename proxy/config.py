@@ -41,6 +41,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from common import media
 from providers.base import ProviderSettings
 from providers.registry import PROVIDERS, UnknownProviderKind, settings_class
 from proxy.routing import RoutingSettings
@@ -71,6 +72,18 @@ class Settings(BaseSettings):
     # Where clients reach us; used to build urls.get / urls.cancel. Empty: from the request.
     public_base_url: str = ""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Memory bounds for the whole process (common/media/budget.py): output download
+    # bodies held at once (base64 emulation), and image decoding/encoding at once
+    # (outputs' pixels and data URIs, requests' inline images). Work waits its turn.
+    max_inflight_download_bytes: int = Field(default=media.budget.DEFAULT_DOWNLOAD_BYTES,
+                                             ge=1024 * 1024)
+    max_inflight_decode_bytes: int = Field(default=media.budget.DEFAULT_DECODE_BYTES,
+                                           ge=1024 * 1024)
+    # A client must send a request's complete headers within this (from its first
+    # byte, or from connecting), and never pause longer than the body timeout between
+    # two reads of the body; otherwise 408 and the connection is closed.
+    client_header_timeout_s: float = Field(default=10.0, gt=0)
+    client_body_timeout_s: float = Field(default=30.0, gt=0)
     # enable_sync_mode waits at most this long, then answers with the running prediction.
     sync_timeout_s: float = Field(default=120.0, gt=0)
     # Bound on one prediction across all its attempts.
@@ -153,6 +166,25 @@ class Settings(BaseSettings):
             unknown = sorted({n for n in named if n not in self.providers})
             if unknown:
                 raise ValueError(f"routing.routes.{model} names unknown providers: {unknown}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_memory_bounds(self) -> Settings:
+        """A download the budgets could never hold is refused here, not at run time."""
+        for name, (_kind, ps) in self.provider_settings().items():
+            if ps.max_download_bytes > self.max_inflight_download_bytes:
+                raise ValueError(
+                    f"providers.{name}.max_download_bytes ({ps.max_download_bytes}) exceeds "
+                    f"max_inflight_download_bytes ({self.max_inflight_download_bytes}): "
+                    "such a download could never fit; raise the budget or lower the limit")
+            # Encoding as a data URI holds its text twice (4/3 of the bytes each).
+            encode = 2 * media.data_uri_length(ps.max_download_bytes, "jpeg")
+            if encode > self.max_inflight_decode_bytes:
+                raise ValueError(
+                    f"providers.{name}.max_download_bytes ({ps.max_download_bytes}) needs up to "
+                    f"{encode} bytes of max_inflight_decode_bytes "
+                    f"({self.max_inflight_decode_bytes}) to become a data URI; raise the "
+                    "budget or lower the limit")
         return self
 
     def provider_settings(self) -> dict[str, tuple[str, ProviderSettings]]:

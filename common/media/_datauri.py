@@ -8,15 +8,18 @@ import logging
 import re
 from urllib.parse import unquote, unquote_to_bytes
 
+from . import budget as _budget
 from ._errors import MediaError, TooLarge
 from ._images import (
     FORMAT_LABELS,
     MIME_TYPES,
     NOT_AN_IMAGE,
     ImageInfo,
+    decode_cost,
     format_for_mime,
     inspect_image,
     normalize_format,
+    read_header,
     sniff_format,
 )
 from ._images import to_data_uri as _to_data_uri
@@ -54,7 +57,9 @@ def _b64decode_strict(text: str) -> bytes:
             "(standard alphabet A-Z a-z 0-9 + /, padded with =, no whitespace)"
         )
     try:
-        return base64.b64decode(text, validate=True)
+        # The regex has checked every character: decode the str itself (an ASCII
+        # str is read in place; base64.b64decode would first copy it to bytes).
+        return binascii.a2b_base64(text)
     except (binascii.Error, ValueError) as exc:  # pragma: no cover - the regex is stricter
         raise MediaError("data URI payload is not valid base64") from exc
 
@@ -151,3 +156,65 @@ def inspect_data_uri(
             f"data URI declares {mime} but its bytes are a {FORMAT_LABELS[found]} image"
         )
     return data, inspect_image(data, max_pixels=max_pixels, max_side=max_side)
+
+
+# Base64 characters decoded to read an inline image's header before reserving its
+# decode: PNG, GIF and WebP headers are in the first 30 bytes; a JPEG's size comes
+# after its APPn segments (EXIF, ICC), usually within this.
+_HEADER_PREFIX_CHARS = 64 * 1024
+
+
+def data_uri_decode_cost(uri: str, *, max_bytes: int, max_pixels: int = 50_000_000,
+                         max_side: int = 8192) -> int:
+    """An upper bound of the memory :func:`inspect_data_uri` needs for ``uri``, beside
+    ``uri`` itself: the payload's copy and its decoded bytes (``parse_data_uri``),
+    then the decoded bytes and the pixels (``inspect_image``); whichever is larger.
+
+    The pixels come from the header, read from the first ``_HEADER_PREFIX_CHARS``
+    of the payload; when they are not enough (a JPEG with a large EXIF block), the
+    largest image the limits allow is assumed. Cheap: no copy of the payload.
+    """
+    comma = uri.find(",")
+    if comma < 0:
+        return 0  # malformed: refused before anything is decoded
+    chars = len(uri) - comma - 1
+    decoded = (chars // 4) * 3 + 3
+    if decoded - 5 > max_bytes:  # refused by parse_data_uri's estimate, before decoding
+        return chars
+    pixels = _pixel_cost(uri[comma + 1:comma + 1 + _HEADER_PREFIX_CHARS],
+                         max_pixels=max_pixels, max_side=max_side)
+    return decoded + max(chars, pixels)
+
+
+def _pixel_cost(prefix: str, *, max_pixels: int, max_side: int) -> int:
+    prefix = prefix[: len(prefix) // 4 * 4]
+    if not _STRICT_B64.fullmatch(prefix):
+        return 0  # the payload is not canonical base64: refused before decoding
+    head = binascii.a2b_base64(prefix)
+    fmt = sniff_format(head)
+    if fmt is None:
+        return 0  # refused by the sniff, before any pixel is decoded
+    try:
+        fmt, width, height = read_header(head, max_pixels=max_pixels, max_side=max_side)
+    except TooLarge:
+        return 0  # refused by the header check, before any pixel is decoded
+    except MediaError:
+        return decode_cost(fmt, max_pixels, 1)  # the size is further in: assume the largest
+    return decode_cost(fmt, width, height)
+
+
+async def inspect_data_uri_bounded(
+    uri: str, *, max_bytes: int, max_pixels: int = 50_000_000, max_side: int = 8192,
+    budget: _budget.ByteBudget | None = None, wait_s: float | None = None,
+) -> tuple[bytes, ImageInfo]:
+    """:func:`inspect_data_uri` in a worker thread, its memory
+    (:func:`data_uri_decode_cost`) reserved from ``budget`` (default: the process's
+    ``budget.decoding()``) first and held until the thread ends. Waiting longer
+    than ``wait_s`` is :class:`~common.media.budget.BudgetWait`; an image that could
+    never fit is :class:`~common.media.budget.OverBudget` (a :class:`TooLarge`)."""
+    pool = budget if budget is not None else _budget.decoding()
+    cost = data_uri_decode_cost(uri, max_bytes=max_bytes, max_pixels=max_pixels,
+                                max_side=max_side)
+    return await pool.run(cost, inspect_data_uri, uri, what="decoding the image",
+                          wait_s=wait_s, max_bytes=max_bytes, max_pixels=max_pixels,
+                          max_side=max_side)

@@ -6,7 +6,11 @@ types). Here the content and the address policy, which need decoding or DNS:
 
 * data URIs: strict base64, the declared type is what the bytes are, fully
   decoded by Pillow within the limits below (a decompression bomb costs only
-  its header; a truncated file is refused). Decoding runs in a worker thread.
+  its header; a truncated file is refused). Decoding runs in a worker thread,
+  its memory (payload, bytes, pixels) reserved first from the process's decode
+  budget (``max_inflight_decode_bytes``, common/media/budget.py): concurrent
+  requests wait their turn, at most ``DECODE_WAIT_S``, then get 503 (the server
+  is busy; the image is fine). One that could never fit is a 422.
 * URLs: the same :class:`~common.media.OutboundGuard` the proxy's own fetches
   use, strict (public addresses only): no private, loopback, link-local,
   reserved, multicast or unspecified address, by literal (every IPv4 spelling
@@ -30,6 +34,7 @@ from typing import Any
 
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.exceptions import ServiceUnavailableException
 
 from common import media
 from common.logging import get_logger
@@ -45,6 +50,7 @@ from proxy.schema import (
 )
 
 RESOLVE_TIMEOUT_S = 3.0
+DECODE_WAIT_S = 10.0  # longest a request waits for decode memory before its 503
 
 log = get_logger("flux_proxy.api")
 
@@ -65,6 +71,9 @@ class RequestImageChecker:
     max_side: int = IMAGE_MAX_SIDE
     max_pixels: int = IMAGE_MAX_PIXELS
     max_bytes: int = IMAGE_MAX_BYTES
+    # None: the process-wide decode budget (media.budget.decoding()).
+    budget: media.ByteBudget | None = None
+    decode_wait_s: float = DECODE_WAIT_S
 
     async def check(self, req: GenerateRequest) -> list[FieldError]:
         """Every problem with `image` / `mask_image`; empty when both are fine."""
@@ -95,9 +104,14 @@ class RequestImageChecker:
             if not inline:
                 await self.guard.resolve(value)
                 return None, None
-            _data, info = await asyncio.to_thread(
-                media.inspect_data_uri, value, max_bytes=self.max_bytes,
-                max_pixels=self.max_pixels, max_side=self.max_side)
+            _data, info = await media.inspect_data_uri_bounded(
+                value, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                max_side=self.max_side, budget=self.budget, wait_s=self.decode_wait_s)
+        except media.BudgetWait as exc:
+            log.warning("request.image_decode_busy", field=name, reason=exc.reason)
+            raise ServiceUnavailableException(
+                detail=f"{name}: the server is busy decoding other images; retry shortly",
+                headers={"Retry-After": "1"}) from exc
         except media.TooLarge as exc:
             return None, self._error(name, value, exc.reason, size=True)
         except media.MediaError as exc:  # BlockedURL too
