@@ -74,6 +74,8 @@ class PredictionService:
         self.clock = clock
         self.budgets = Budgets(store)
         self.runner = Runner(store, router, prediction_deadline_s, clock, self.budgets)
+        self.prediction_deadline_s = prediction_deadline_s
+        self._holds_swept_at = float("-inf")
         self._runs: dict[str, Run] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -118,8 +120,20 @@ class PredictionService:
                         if run := self._runs.get(pred_id):
                             run.cancel.set()
                 await self._claim_orphans(include_own=False)
+                await self._release_stale_holds()
             except Exception:  # keep sweeping; a store blip must not stop renewals
                 log.exception("lease.sweep_failed")
+
+    async def _release_stale_holds(self) -> None:
+        """About once a minute: budget holds of attempts whose process died after
+        their prediction ended (a hedge loser). No attempt outlives its prediction's
+        deadline, so a hold older than that holds nothing real."""
+        if self.clock.monotonic() - self._holds_swept_at < 60:
+            return
+        self._holds_swept_at = self.clock.monotonic()
+        cutoff = utcnow() - timedelta(seconds=self.prediction_deadline_s)
+        if released := await self.store.release_stale_holds(cutoff):
+            log.info("budget.stale_holds_released", count=released)
 
     async def _claim_orphans(self, *, include_own: bool) -> int:
         preds = await self.store.claim_resumable(

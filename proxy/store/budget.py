@@ -119,7 +119,9 @@ class BudgetMixin:
     async def release_stale_holds(self, finished_before: datetime) -> int:
         """Holds of predictions that ended before `finished_before` (a hedge loser
         whose process died before it settled): they hold nothing real any more."""
+        # From the (small) holds table outward, by primary key: never a scan of predictions.
         ended = select(col(Prediction.id)).where(
+            col(Prediction.id).in_(select(col(Reservation.prediction_id))),
             col(Prediction.completed_at).is_not(None),
             col(Prediction.completed_at) < finished_before)
         async with self._sessions() as session, session.begin():

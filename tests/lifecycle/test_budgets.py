@@ -6,6 +6,7 @@ when it ends, whichever way it ends."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 
@@ -66,3 +67,27 @@ async def test_a_failed_prediction_releases_its_reservation(harness: Harness) ->
     assert await service.budgets.reserved(key) == 0
     again = await service.submit(request(), Principal(key=key))  # nothing was spent
     assert again.pred.id != run.pred.id
+
+
+async def test_the_sweeper_releases_the_hold_of_an_attempt_orphaned_after_its_end(
+        harness: Harness) -> None:
+    from datetime import timedelta
+
+    from proxy.store.budget import Hold
+    from proxy.store.models import Attempt
+
+    service = harness.service(ScriptedProvider("a"), deadline_s=600)
+    key = await a_key(harness, 100_000)
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    run = await service.submit(request(), Principal(key=key))  # no script: it fails at once
+    await finished(service, run)
+    # A hedge loser whose process died: its attempt never settled, its hold stayed.
+    loser = Attempt(prediction_id=run.pred.id, seq=9, provider="a", api_key_id=key.id)
+    await harness.store.update_prediction(run.pred.id, status="processing")
+    assert await harness.store.begin_attempt(loser, Hold(key.id, 100_000, since, 7_000))
+    long_ago = datetime.now(UTC) - timedelta(seconds=3600)
+    await harness.store.finish_prediction(run.pred.id, status="failed", completed_at=long_ago)
+    assert (await harness.store.exposure(key.id, since))[1] == 7_000
+    await service.start()
+    await asyncio.sleep(service.lease_s)  # one sweep
+    assert (await harness.store.exposure(key.id, since))[1] == 0
