@@ -21,13 +21,12 @@ from typing import Any
 
 from proxy.store._memory_keys import MemoryKeysMixin
 from proxy.store._memory_rows import ATTEMPTS, PREDICTIONS, Row, integrity_error, turn, utc
-from proxy.store._sql import checked_fields
+from proxy.store._sql import checked_fields, prediction_end
 from proxy.store.budget import _RUNNING, BudgetRefused, Hold
 from proxy.store.leases import ACTIVE_STATUSES, _check_lease
 from proxy.store.models import (
     ATTEMPT_STATUSES,
     PREDICTION_STATUSES,
-    TERMINAL_STATUSES,
     Attempt,
     Prediction,
     utcnow,
@@ -129,15 +128,12 @@ class MemoryStore(MemoryKeysMixin):
         completed_at: datetime | None = None,
     ) -> bool:
         await turn()
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish_prediction needs a terminal status, got {status!r}")
         given = {"outputs": outputs, "has_nsfw_contents": has_nsfw_contents, "error": error,
                  "error_kind": error_kind, "cost_micro_usd": cost_micro_usd,
-                 "timings": timings, "provider": provider, "request": request}
-        now = utcnow()
-        values = {k: v for k, v in given.items() if v is not _UNSET} | {
-            "status": status, "completed_at": completed_at or now, "updated_at": now,
-            "lease_owner": None, "lease_expires_at": None}
+                 "timings": timings, "provider": provider, "request": request,
+                 "completed_at": completed_at}
+        values = prediction_end(status, {k: v for k, v in given.items() if v is not _UNSET},
+                                "finish_prediction")
         finished = PREDICTIONS.update(self._active(prediction_id), values)
         self._drop_settled_holds(prediction_id)
         self._wrote("finish_prediction")
@@ -148,13 +144,7 @@ class MemoryStore(MemoryKeysMixin):
     ) -> bool:
         await turn()
         a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
-        status = prediction.pop("status")
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish_with_attempt needs a terminal status, got {status!r}")
-        now = utcnow()
-        p_values = checked_fields(Prediction, prediction, PREDICTION_STATUSES) | {
-            "status": status, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
-        p_values.setdefault("completed_at", now)
+        p_values = prediction_end(prediction.pop("status"), prediction, "finish_with_attempt")
         a_cells, p_cells = ATTEMPTS.cells(a_values), PREDICTIONS.cells(p_values)
         if (a_row := self._attempts.get(attempt_id)) is not None:
             a_row.update(a_cells)

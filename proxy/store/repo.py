@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col
 
 from proxy.store import migrate
-from proxy.store._sql import checked_fields, rowcount
+from proxy.store._sql import checked_fields, prediction_end, rowcount
 from proxy.store.attempt_writes import AttemptWritesMixin
 from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.db import create_engine
@@ -33,7 +33,6 @@ from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
 from proxy.store.models import (
     ATTEMPT_STATUSES,
     PREDICTION_STATUSES,
-    TERMINAL_STATUSES,
     Attempt,
     Prediction,
     utcnow,
@@ -206,8 +205,6 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         (changing nothing) if the prediction is missing or already terminal,
         so a late 'completed' cannot overwrite a 'canceled' and vice versa.
         """
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish_prediction needs a terminal status, got {status!r}")
         given = {
             "outputs": outputs,
             "has_nsfw_contents": has_nsfw_contents,
@@ -217,16 +214,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
             "timings": timings,
             "provider": provider,
             "request": request,
+            "completed_at": completed_at,
         }
-        now = utcnow()
-        values: dict[str, Any] = {k: v for k, v in given.items() if v is not _UNSET}
-        values |= {
-            "status": status,
-            "completed_at": completed_at or now,
-            "updated_at": now,
-            "lease_owner": None,
-            "lease_expires_at": None,
-        }
+        values = prediction_end(status, {k: v for k, v in given.items() if v is not _UNSET},
+                                "finish_prediction")
         stmt = (
             update(Prediction)
             .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
@@ -248,13 +239,7 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         prediction only if still active. True when the prediction was finished here.
         """
         a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
-        status = prediction.pop("status")
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish_with_attempt needs a terminal status, got {status!r}")
-        now = utcnow()
-        p_values = checked_fields(Prediction, prediction, PREDICTION_STATUSES) | {
-            "status": status, "updated_at": now, "lease_owner": None, "lease_expires_at": None}
-        p_values.setdefault("completed_at", now)
+        p_values = prediction_end(prediction.pop("status"), prediction, "finish_with_attempt")
         opts = {"synchronize_session": False}
         async with self._sessions() as session, session.begin():
             await session.execute(
