@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from litestar.testing import AsyncTestClient
 from providers.simulators import SimConfig, SimulatorServer
 from proxy.app import create_app
 from proxy.config import TEST_RUN_VARIABLES, Settings
+from proxy.store import Store
 
 # TEST_RUN_VARIABLES steer the test run itself, not the proxy under test (the
 # proxy allows them too; they are defined once, in proxy/config.py).
@@ -123,3 +125,17 @@ async def wait_terminal(
         client, pred_id, lambda b: b["status"] in ("completed", "failed", "canceled"),
         timeout_s, headers,
     )
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One migrated SQLite file; every test gets a copy (migrating per test is slow)."""
+    path = tmp_path_factory.mktemp("template") / "template.db"
+
+    async def migrate() -> None:
+        store = Store(f"sqlite+aiosqlite:///{path}")
+        await store.upgrade()
+        await store.dispose()
+
+    asyncio.run(migrate())
+    return path

@@ -4,7 +4,6 @@ Where they differ, the SQL store is the truth and MemoryStore is wrong."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -23,19 +22,6 @@ from proxy.store.repo import encode_cursor
 
 KEY = "key-1"
 MONTH = datetime(2000, 1, 1, tzinfo=UTC)  # every attempt here is "this period"
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("memory_store") / "template.db"
-
-    async def migrate() -> None:
-        store = Store(f"sqlite+aiosqlite:///{path}")
-        await store.upgrade()
-        await store.dispose()
-
-    asyncio.run(migrate())
-    return path
 
 
 @pytest.fixture(params=["sqlite", "memory"])

@@ -69,20 +69,6 @@ class LoopTimeStore:
         return call
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One migrated SQLite file; every test gets a copy (migrating per test is slow)."""
-    path = tmp_path_factory.mktemp("lifecycle") / "template.db"
-
-    async def migrate() -> None:
-        store = Store(f"sqlite+aiosqlite:///{path}")
-        await store.upgrade()
-        await store.dispose()
-
-    asyncio.run(migrate())
-    return path
-
-
 @pytest.fixture
 async def sqlite_store(template_db: Path) -> AsyncIterator[Store]:
     """The real Store on a migrated SQLite file (its engine: `.inner.engine`)."""
