@@ -55,6 +55,8 @@ class Attempts:
         """A new attempt on `provider` (admitted by the router). Raises Canceled
         when `cancel` fires, or when the prediction was canceled or ended elsewhere
         before this submit could start (checked atomically with the attempt's row)."""
+        if run.admitted is provider:  # admitted at submit: its row is written already
+            return await self._run_admitted(run, provider, gen, cancel)
         attempt = Attempt(prediction_id=run.pred.id, seq=len(run.attempts) + 1,
                           provider=provider.name, api_key_id=run.pred.api_key_id,
                           created_at=self.clock.now())
@@ -80,6 +82,20 @@ class Attempts:
         finally:
             if attempt.completed_at is None:
                 provider.abandon()  # shutdown (or a store error) mid-attempt
+
+    async def _run_admitted(self, run: Run, provider: Admitted, gen: GenerationRequest,
+                            cancel: CancelSignal) -> Outcome:
+        attempt, hold = run.attempts[0], run.admitted_hold
+        run.admitted = run.admitted_hold = None
+        try:
+            if cancel.is_set():  # canceled before the submit: nothing went upstream
+                await self.end(run, attempt, None, "canceled", cost=0, error=cancel.reason)
+                provider.abandon()
+                raise Canceled
+            return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
+        finally:
+            if attempt.completed_at is None:
+                provider.abandon()
 
     async def _submit_and_follow(
         self, run: Run, provider: Admitted, gen: GenerationRequest, cancel: CancelSignal,

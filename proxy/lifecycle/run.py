@@ -8,6 +8,8 @@ from datetime import timedelta
 from typing import Any
 
 from providers.base import ErrorKind
+from proxy.routing.admission import Admitted
+from proxy.store.budget import Hold
 from proxy.store.models import ApiKey, Attempt, Prediction
 
 
@@ -38,6 +40,10 @@ class Run:
     # transaction), so it waits here: attempt id -> its final fields.
     pending: dict[int, dict[str, Any]] = field(default_factory=dict)
     closed: bool = False  # the prediction's end was written: write attempts at once
+    # Admitted at submit, its attempt row written with the prediction's (one
+    # transaction): the runner submits to it first instead of routing again.
+    admitted: Admitted | None = None
+    admitted_hold: Hold | None = None
 
 
 @dataclass(slots=True)

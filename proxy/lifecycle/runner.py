@@ -85,6 +85,14 @@ class Runner:
     async def _drive(self, run: Run) -> None:
         pred = run.pred
         gen = generation_from_stored(pred.request)
+        if run.admitted is not None:  # admitted at submit: its first attempt is written
+            try:
+                result = await self._try_providers(run, gen, None)
+            except Canceled:
+                await self._finish(run, "canceled", Outcome(False, error=run.cancel.reason))
+                return
+            await self._finish(run, "completed" if result.ok else "failed", result)
+            return
         plan = resume_steps(pred, run.attempts)  # what the rows say comes next
         if Step.DONE in plan.steps:
             return
@@ -163,6 +171,11 @@ class Runner:
         requested = run.pred.request.get("providers")
         limit = self.router.settings.max_attempts
         plan = Plan(providers=[])
+        if run.admitted is not None:  # routed at submit: that attempt goes first
+            plan = self.router.plan(gen, model=run.pred.model, requested=requested)
+            last = await self._attempt(run, run.admitted, gen, plan)
+            if last.ok or not last.retryable:
+                return last
         # Bounded: each turn either makes an attempt or waits for a provider to free up.
         for _ in range(4 * limit + 4):
             if run.cancel.is_set():
@@ -177,7 +190,7 @@ class Runner:
                                     exclude=spent)
             if not plan.providers:
                 break
-            provider = self._acquire(plan.providers)
+            provider = self.acquire(plan.providers)
             if provider is None:  # every candidate is open or rate-limited: wait for one
                 wait = min(self.router.available_in(p.name) for p in plan.providers)
                 if wait >= left or self.router.unavailable_for(plan.providers) is not None:
@@ -203,7 +216,7 @@ class Runner:
         return Outcome(False, error=f"no provider can serve this request ({why})",
                        kind=ErrorKind.UNAVAILABLE)
 
-    def _acquire(self, providers: list[Provider]) -> Admitted | None:
+    def acquire(self, providers: list[Provider]) -> Admitted | None:
         """The first provider whose breaker and rate limit let it take an attempt now."""
         for provider in providers:
             admitted = self.router.acquire(provider.name)

@@ -206,16 +206,34 @@ class PredictionService:
         key = principal.key
         # Failover may land on any candidate: hold the dearest one's price.
         expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
+        hold = self.budgets.hold(key, expected)
+        run = Run(pred=pred, attempts=[], key=key)
+        # A provider free to take it now: the first attempt's row goes in the same
+        # transaction as the prediction's, so the sync path writes twice in all.
+        admitted = self.runner.acquire(plan.providers)
         try:
-            pred = await self.store.create_prediction(pred, self.budgets.hold(key, expected))
+            if admitted is None:
+                pred = await self.store.create_prediction(pred, hold)
+            else:
+                pred.status, pred.started_at = "processing", now
+                attempt = Attempt(prediction_id=pred.id, seq=1, provider=admitted.name,
+                                  api_key_id=pred.api_key_id, created_at=now)
+                run.admitted_hold = self.budgets.hold(
+                    key, self.router.expected_cost(admitted, gen))
+                pred = await self.store.create_with_attempt(pred, attempt, hold,
+                                                            run.admitted_hold)
+                run.attempts.append(attempt)
+                run.admitted = admitted
         except BudgetRefused as exc:
             assert key is not None
             raise self.budgets.refused(key, exc) from None
+        finally:
+            if admitted is not None and run.admitted is None:
+                admitted.abandon()  # nothing was written: its slot comes back
         metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
         log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
                  model=pred.model, mode=gen.mode, num_images=gen.num_images,
-                 sync=gen.enable_sync_mode)
-        run = Run(pred=pred, attempts=[], key=key)
+                 sync=gen.enable_sync_mode, provider=admitted.name if admitted else None)
         self._spawn(run)
         return run
 

@@ -3,6 +3,7 @@ its submit, accepted, ended), each with its budget hold in the same transaction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import update
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from proxy.store._sql import checked_fields, rowcount
+from proxy.store._tables import ATTEMPTS
 from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.leases import ACTIVE_STATUSES
 from proxy.store.models import ATTEMPT_STATUSES, Attempt, Prediction, utcnow
@@ -22,6 +24,13 @@ class AttemptWritesMixin(BudgetMixin):
         raise NotImplementedError
 
     def _wrote(self, operation: str) -> None:
+        raise NotImplementedError
+
+    async def _commit(self, op: Callable[[AsyncSession], Any], *, alone: bool = False) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    async def _insert_attempt(session: AsyncSession, a: Attempt) -> None:
         raise NotImplementedError
 
     async def add_attempt(self, a: Attempt) -> Attempt:
@@ -39,7 +48,7 @@ class AttemptWritesMixin(BudgetMixin):
         new upstream submit. False (nothing written) when it may not start.
         With `hold`, the attempt's budget hold is taken in the same transaction
         (BudgetRefused: nothing written)."""
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> bool:
             result = await session.execute(
                 update(Prediction)
                 .where(col(Prediction.id) == a.prediction_id,
@@ -52,7 +61,11 @@ class AttemptWritesMixin(BudgetMixin):
             if hold is not None:
                 await self._hold(session, hold, a.prediction_id, a.seq)
                 a.reserved_micro_usd = hold.amount_micro_usd
-            session.add(a)
+            await self._insert_attempt(session, a)
+            return True
+
+        if not await self._commit(op, alone=hold is not None):
+            return False
         self._wrote("begin_attempt")
         return True
 
@@ -68,23 +81,26 @@ class AttemptWritesMixin(BudgetMixin):
                              **fields: Any) -> None:
         """The upstream accepted the attempt: its id (and, when it quoted above what
         was held, the hold raised to the quote), in one transaction."""
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> None:
             await _set(session, attempt, fields)
             if raise_hold_to is not None:
                 await self._raise_hold(session, attempt.prediction_id, attempt.seq,
                                        raise_hold_to)
+
+        await self._commit(op)
         self._wrote("update_attempt")
 
     async def end_attempt(self, attempt: Attempt, **fields: Any) -> None:
         """Record an attempt's end (its cost) and drop its budget hold, atomically."""
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> None:
             await _set(session, attempt, fields)
             await self._drop_hold(session, attempt.prediction_id, attempt.seq)
+
+        await self._commit(op)
         self._wrote("update_attempt")
 
 
 async def _set(session: AsyncSession, attempt: Attempt, fields: dict[str, Any]) -> None:
     values = checked_fields(Attempt, fields, ATTEMPT_STATUSES)
     assert attempt.id is not None
-    await session.execute(update(Attempt).where(col(Attempt.id) == attempt.id).values(**values),
-                          execution_options={"synchronize_session": False})
+    await session.execute(update(ATTEMPTS).where(ATTEMPTS.c.id == attempt.id).values(**values))

@@ -23,6 +23,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
+from proxy.store._tables import ATTEMPTS, RESERVATIONS
 from proxy.store.models import ApiKey, Attempt, Prediction, Reservation, utcnow
 
 _RUNNING = ("submitting", "processing")
@@ -98,18 +99,18 @@ class BudgetMixin:
 
     @staticmethod
     async def _drop_hold(session: AsyncSession, prediction_id: str, seq: int) -> None:
-        await session.execute(delete(Reservation).where(
-            col(Reservation.prediction_id) == prediction_id, col(Reservation.seq) == seq))
+        await session.execute(delete(RESERVATIONS).where(
+            RESERVATIONS.c.prediction_id == prediction_id, RESERVATIONS.c.seq == seq))
 
     @staticmethod
     async def _drop_settled_holds(session: AsyncSession, prediction_id: str) -> None:
         """At the prediction's end: the admission hold and those of ended attempts
         (a hedge loser still running keeps its own until it settles)."""
-        running = select(col(Attempt.seq)).where(
-            col(Attempt.prediction_id) == prediction_id, col(Attempt.status).in_(_RUNNING))
-        await session.execute(delete(Reservation).where(
-            col(Reservation.prediction_id) == prediction_id,
-            or_(col(Reservation.seq) == 0, col(Reservation.seq).not_in(running))))
+        running = select(ATTEMPTS.c.seq).where(
+            ATTEMPTS.c.prediction_id == prediction_id, ATTEMPTS.c.status.in_(_RUNNING))
+        await session.execute(delete(RESERVATIONS).where(
+            RESERVATIONS.c.prediction_id == prediction_id,
+            or_(RESERVATIONS.c.seq == 0, RESERVATIONS.c.seq.not_in(running))))
 
     async def exposure(self, api_key_id: str, since: datetime) -> tuple[int, int]:
         """(spent since `since`, held now) for one key."""

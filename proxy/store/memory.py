@@ -79,6 +79,34 @@ class MemoryStore(MemoryKeysMixin):
         self._wrote("create_prediction")
         return p
 
+    async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
+                                  attempt_hold: Hold | None = None) -> Prediction:
+        await turn()
+        row = PREDICTIONS.row(p)
+        if hold is not None:
+            self._check_hold(hold, p.id, 0)
+        if p.id in self._predictions:
+            raise integrity_error("predictions", "UNIQUE constraint failed: predictions.id")
+        self._predictions[p.id] = row
+        try:
+            if attempt_hold is not None:
+                if hold is not None:
+                    self._take_hold(hold, p.id, 0)
+                self._check_hold(attempt_hold, p.id, a.seq)
+            attempt_row = self._new_attempt(a)
+        except BaseException:  # one transaction: nothing of it stays
+            del self._predictions[p.id]
+            self._holds.pop((p.id, 0), None)
+            raise
+        if attempt_hold is not None:
+            self._take_hold(attempt_hold, p.id, a.seq)
+            a.reserved_micro_usd = attempt_hold.amount_micro_usd
+        elif hold is not None:
+            self._take_hold(hold, p.id, 0)
+        self._insert_attempt(a, attempt_row)
+        self._wrote("create_with_attempt")
+        return p
+
     async def get_prediction(self, prediction_id: str) -> Prediction | None:
         await turn()
         row = self._predictions.get(prediction_id)

@@ -19,15 +19,17 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any
 
-from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlmodel import col
 
 from proxy.store import migrate
 from proxy.store._sql import checked_fields, prediction_end, rowcount
+from proxy.store._tables import ATTEMPTS, PREDICTIONS, row_values
 from proxy.store.attempt_writes import AttemptWritesMixin
 from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.db import create_engine
+from proxy.store.group_commit import GroupCommit
 from proxy.store.keys import KeysMixin
 from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
 from proxy.store.models import (
@@ -71,6 +73,8 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         self._engine = create_engine(url, schema=schema, echo=echo)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         self._pg = self._engine.dialect.name == "postgresql"
+        # Lifecycle writes without a budget hold share transactions (group_commit.py).
+        self.group = GroupCommit(self._sessions)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -104,6 +108,7 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         await migrate.upgrade(self._engine, schema=self._schema)
 
     async def dispose(self) -> None:
+        await self.group.close()
         await self._engine.dispose()
 
     async def ping(self, timeout_s: float = 5.0) -> bool:
@@ -119,11 +124,33 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
     async def create_prediction(self, p: Prediction, hold: Hold | None = None) -> Prediction:
         """Insert `p`; it is committed when this returns. With `hold`, the key's
         budget is reserved in the same transaction (BudgetRefused: nothing written)."""
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> None:
             if hold is not None:
                 await self._hold(session, hold, p.id, 0)
-            session.add(p)
+            await session.execute(insert(PREDICTIONS).values(row_values(p)))
+
+        await self._commit(op, alone=hold is not None)
         self._wrote("create_prediction")
+        return p
+
+    async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
+                                  attempt_hold: Hold | None = None) -> Prediction:
+        """Admission and the first attempt's row in ONE transaction: `p` (already
+        `processing`) and `a` (`submitting`) are committed together before the
+        submit, with the admission hold (seq 0) and the attempt's own (seq 1)
+        taken in it (BudgetRefused: nothing written). A crash after it resumes as
+        one after `begin_attempt`: the attempt is closed outcome-unknown."""
+        async def op(session: AsyncSession) -> None:
+            if hold is not None:
+                await self._hold(session, hold, p.id, 0)
+            await session.execute(insert(PREDICTIONS).values(row_values(p)))
+            if attempt_hold is not None:
+                await self._hold(session, attempt_hold, p.id, a.seq)
+                a.reserved_micro_usd = attempt_hold.amount_micro_usd
+            await self._insert_attempt(session, a)
+
+        await self._commit(op, alone=hold is not None or attempt_hold is not None)
+        self._wrote("create_with_attempt")
         return p
 
     async def get_prediction(self, prediction_id: str) -> Prediction | None:
@@ -223,11 +250,14 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
             .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
             .values(**values)
         )
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> int:
             result = await session.execute(stmt, execution_options={"synchronize_session": False})
             await self._drop_settled_holds(session, prediction_id)
+            return rowcount(result)
+
+        ended = await self._commit(op)
         self._wrote("finish_prediction")
-        return rowcount(result) > 0
+        return ended > 0
 
     async def finish_with_attempt(
         self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], **prediction: Any
@@ -240,19 +270,20 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         """
         a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
         p_values = prediction_end(prediction.pop("status"), prediction, "finish_with_attempt")
-        opts = {"synchronize_session": False}
-        async with self._sessions() as session, session.begin():
+        async def op(session: AsyncSession) -> int:
             await session.execute(
-                update(Attempt).where(col(Attempt.id) == attempt_id).values(**a_values),
-                execution_options=opts)
+                update(ATTEMPTS).where(ATTEMPTS.c.id == attempt_id).values(**a_values))
             result = await session.execute(
-                update(Prediction)
-                .where(col(Prediction.id) == prediction_id,
-                       col(Prediction.status).in_(ACTIVE_STATUSES))
-                .values(**p_values), execution_options=opts)
+                update(PREDICTIONS)
+                .where(PREDICTIONS.c.id == prediction_id,
+                       PREDICTIONS.c.status.in_(ACTIVE_STATUSES))
+                .values(**p_values))
             await self._drop_settled_holds(session, prediction_id)
+            return rowcount(result)
+
+        ended = await self._commit(op)
         self._wrote("finish_with_attempt")
-        return rowcount(result) > 0
+        return ended > 0
 
     async def request_cancel(self, prediction_id: str) -> Prediction | None:
         """Flag a non-terminal prediction for cancellation; the row as it now is.
@@ -312,7 +343,27 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
             self.after_write(operation)
 
     async def _write(self, stmt: Any) -> int:
-        """Run one UPDATE in its own transaction; rows matched."""
-        async with self._sessions() as session, session.begin():
+        """Run one UPDATE (group-committed); rows matched."""
+        async def op(session: AsyncSession) -> int:
             result = await session.execute(stmt, execution_options={"synchronize_session": False})
             return rowcount(result)
+
+        return await self._commit(op)
+
+    async def _commit(self, op: Callable[[AsyncSession], Any], *, alone: bool = False) -> Any:
+        """Run a write: group-committed with others, or (`alone`: it takes a budget
+        hold, which locks a key's row) in its own transaction, so two replicas'
+        batches never lock keys in opposite orders."""
+        if not alone:
+            return await self.group.run(op)
+        async with self._sessions() as session, session.begin():
+            return await op(session)
+
+    @staticmethod
+    async def _insert_attempt(session: AsyncSession, a: Attempt) -> None:
+        values = row_values(a)
+        if a.id is None:
+            del values["id"]
+        result = await session.execute(insert(ATTEMPTS).values(values).returning(ATTEMPTS.c.id))
+        a.id = result.scalar_one()
+

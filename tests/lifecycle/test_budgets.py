@@ -33,13 +33,26 @@ async def test_reserved_while_running_released_at_the_end(harness: Harness) -> N
     service = harness.service(a, b)
     key = await a_key(harness, 100_000)
     run = await service.submit(request(), Principal(key=key))
-    # Failover may land on any candidate: the dearest one's price is held.
-    assert await service.budgets.reserved(key) == 30_000
-    await asyncio.sleep(0.5)  # the attempt on `a` replaced it with a's own price
+    # Admitted with its first attempt's row (one transaction): a's own price is held.
+    assert await service.budgets.reserved(key) == 20_000
+    await asyncio.sleep(0.5)
     assert await service.budgets.reserved(key) == 20_000
     await finished(service, run)
     assert await service.budgets.reserved(key) == 0
     assert await harness.store.spent_since(key.id, run.pred.created_at.replace(day=1)) == 20_000
+
+
+async def test_admission_checks_the_dearest_candidate(harness: Harness) -> None:
+    # Failover may land on any candidate: admission refuses what the dearest would
+    # take past the budget, even when the first choice alone would fit.
+    a = ScriptedProvider("a", [Accept(polls=1)], price_micro_usd=20_000)
+    b = ScriptedProvider("b", price_micro_usd=30_000)
+    service = harness.service(a, b)
+    key = await a_key(harness, 25_000)
+    with pytest.raises(BudgetExceeded):
+        await service.submit(request(), Principal(key=key))
+    assert a.submits == 0 and await service.budgets.reserved(key) == 0
+    assert (await harness.store.list_predictions(api_key_id=key.id))[0] == []
 
 
 async def test_a_request_past_the_budget_is_refused_before_anything_is_written(

@@ -164,15 +164,14 @@ async def check_ledger(url: str, schema: str | None, prediction_id: str,
 
 
 # Writes of one prediction served by one provider:
-# 1 create_prediction, 2 processing, 3 begin_attempt, 4 attempt processing (upstream id),
-# 5 attempt completed + prediction completed (one transaction).
+# 1 prediction + its first attempt (one transaction, before the POST),
+# 2 attempt processing (upstream id), 3 attempt completed + prediction completed
+# (one transaction).
 ONE_PROVIDER = {
-    1: ("completed", ["completed"]),
-    2: ("completed", ["completed"]),
     # Died between the attempt row and the POST: a job may exist, so never resubmitted.
-    3: ("failed", ["unknown"]),
-    4: ("completed", ["completed"]),
-    5: ("completed", ["completed"]),
+    1: ("failed", ["unknown"]),
+    2: ("completed", ["completed"]),
+    3: ("completed", ["completed"]),
 }
 
 
@@ -187,17 +186,15 @@ async def test_one_provider_crash_after_each_write(
 
 
 # a's job fails upstream after acceptance (billed), b serves it:
-# 1 create, 2 processing, 3 begin a, 4 a processing, 5 a failed, 6 begin b,
-# 7 b processing, 8 b completed + prediction completed.
+# 1 prediction + attempt a, 2 a processing, 3 a failed, 4 begin b,
+# 5 b processing, 6 b completed + prediction completed.
 FAILOVER = {
-    1: ("completed", ["failed", "completed"]),
+    1: ("completed", ["unknown", "completed"]),
     2: ("completed", ["failed", "completed"]),
-    3: ("completed", ["unknown", "completed"]),
-    4: ("completed", ["failed", "completed"]),
+    3: ("completed", ["failed", "completed"]),
+    4: ("failed", ["failed", "unknown"]),
     5: ("completed", ["failed", "completed"]),
-    6: ("failed", ["failed", "unknown"]),
-    7: ("completed", ["failed", "completed"]),
-    8: ("completed", ["failed", "completed"]),
+    6: ("completed", ["failed", "completed"]),
 }
 
 
@@ -223,6 +220,7 @@ async def test_nothing_saved_is_a_clear_error_and_leaves_no_row(
         raise OperationalError("INSERT", {}, Exception("database is locked"))
 
     monkeypatch.setattr(harness.store, "create_prediction", down)
+    monkeypatch.setattr(harness.store, "create_with_attempt", down)
     with pytest.raises(OperationalError):
         await service.submit(request())
     rows, _ = await harness.store.list_predictions()

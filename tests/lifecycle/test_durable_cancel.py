@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from providers.testing import Accept, ScriptedProvider
+from proxy.lifecycle.service import PredictionService
 from proxy.store.models import Attempt
 
 from .conftest import Harness, finished, request
@@ -15,9 +16,16 @@ from .conftest import Harness, finished, request
 pytestmark = pytest.mark.looptime
 
 
+def queued_only(service: PredictionService) -> PredictionService:
+    """Admission finds no provider free: the prediction is written `queued`, with
+    no attempt (the runner routes it later)."""
+    service.runner.acquire = lambda providers: None  # type: ignore[method-assign]
+    return service
+
+
 async def test_a_flag_set_while_nobody_drove_it_stops_the_resumer(harness: Harness) -> None:
     a = ScriptedProvider("a", [Accept()])
-    first = harness.service(a)
+    first = queued_only(harness.service(a))
     run = await first.submit(request())
     run.task.cancel()  # type: ignore[union-attr]  # the driver dies before any submit
     await harness.store.request_cancel(run.pred.id)
@@ -34,7 +42,7 @@ async def test_a_flag_set_while_nobody_drove_it_stops_the_resumer(harness: Harne
 async def test_cancel_of_an_orphan_with_nothing_upstream_answers_canceled(
         harness: Harness) -> None:
     a = ScriptedProvider("a", [Accept()])
-    first = harness.service(a)
+    first = queued_only(harness.service(a))
     run = await first.submit(request())
     run.task.cancel()  # type: ignore[union-attr]
     other = harness.service(a, instance="test-2")  # another replica gets the cancel
@@ -45,6 +53,27 @@ async def test_cancel_of_an_orphan_with_nothing_upstream_answers_canceled(
     again = harness.service(a, instance="test-1")
     await again.start()
     assert again._runs == {} and a.calls == []
+
+
+async def test_a_driver_dead_between_admission_and_submit_is_never_resubmitted(
+        harness: Harness) -> None:
+    # The first attempt's row is written with the prediction, before the POST: a
+    # driver that died there may have sent it, so the resumer closes it unknown.
+    a = ScriptedProvider("a", [Accept()])
+    first = harness.service(a)
+    run = await first.submit(request())
+    run.task.cancel()  # type: ignore[union-attr]  # dies before its POST
+    await harness.store.request_cancel(run.pred.id)
+    await harness.store.release(run.pred.id, "test-1")
+    resumer = harness.service(a, instance="test-2")
+    await resumer.start()
+    resumed = resumer._runs.get(run.pred.id)
+    assert resumed is not None
+    await finished(resumer, resumed)
+    pred, attempts = await harness.rows(run.pred.id)
+    assert pred.status == "canceled" and a.calls == []
+    assert [x.status for x in attempts] == ["unknown"]
+    assert pred.cost_micro_usd == attempts[0].cost_micro_usd > 0  # charged as if it landed
 
 
 async def test_no_attempt_can_begin_after_the_cancel_flag(harness: Harness) -> None:
