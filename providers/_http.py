@@ -75,6 +75,14 @@ def timeout(settings: ProviderSettings, *, read_s: float | None = None) -> httpx
     )
 
 
+def submit_timeout(settings: ProviderSettings, answer_s: float | None = None) -> httpx.Timeout:
+    """The timeouts of a submit whose answer must come within `answer_s` of sending
+    (default `submit_timeout_s`): no single read may wait longer than that either
+    (this holds on transports that do not report when the request was sent)."""
+    answer = settings.submit_timeout_s if answer_s is None else answer_s
+    return timeout(settings, read_s=min(settings.read_timeout_s, answer))
+
+
 def build_client(
     settings: ProviderSettings, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> httpx.AsyncClient:
@@ -191,18 +199,39 @@ async def call(
     json_body: Mapping[str, Any] | None = None,
     http_timeout: httpx.Timeout | None = None,
     total_s: float | None = None,
+    answer_s: float | None = None,
 ) -> dict[str, Any]:
     """Perform one request; return the JSON object of a 2xx answer or raise a
     `ProviderError`. `secret` is scrubbed from any reason quoted upstream.
-    `total_s` bounds the whole call, body included."""
+    `total_s` bounds the whole call, body included. `answer_s` bounds the wait for
+    the answer (headers and body) once the request has been sent, however the
+    bytes come: the clock starts when the request body is written, so a slow
+    upload of a large request does not count against it."""
     extra: dict[str, Any] = {} if http_timeout is None else {"timeout": http_timeout}
+    answer_bound = False
     try:
-        async with asyncio.timeout(total_s):
+        async with asyncio.timeout(total_s) as bound:
+            if answer_s is not None:
+                loop = asyncio.get_running_loop()
+
+                async def trace(event: str, info: Mapping[str, Any]) -> None:
+                    # httpcore's "http11.send_request_body.complete" (or http2's):
+                    # the request is out, from here on we only wait for the answer.
+                    nonlocal answer_bound
+                    if event.endswith("send_request_body.complete") and not answer_bound:
+                        when = loop.time() + answer_s
+                        current = bound.when()
+                        if current is None or when < current:
+                            bound.reschedule(when)
+                            answer_bound = True
+
+                extra["extensions"] = {"trace": trace}
             response = await client.request(method, url, json=json_body, **extra)
-    except TimeoutError as exc:  # the total bound: the request went out
+    except TimeoutError as exc:  # a bound of ours: the request went out
+        limit = f"{answer_s}s of sending" if answer_bound else f"{total_s}s"
         if op == "submit":
-            raise _unknown(provider, f"no complete answer within {total_s}s") from exc
-        raise UpstreamTimeout(f"{provider}: {op} took longer than {total_s}s",
+            raise _unknown(provider, f"no complete answer within {limit}") from exc
+        raise UpstreamTimeout(f"{provider}: {op} took longer than {limit}",
                               provider=provider) from exc
     except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
         raise UpstreamUnavailable(

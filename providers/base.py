@@ -154,6 +154,10 @@ class UpstreamJob:
     charged_micro_usd: int | None = None  # what the upstream said it charges, if it says
     inference_ms: int | None = None
     raw_status: str = ""
+    # The upstream's own estimate of how long after the submit answered the job
+    # can be done at the earliest (e.g. VibeDream's estimatedTime "5-15s" -> 5.0):
+    # the first poll waits that long. None: the upstream gave no usable estimate.
+    ready_after_s: float | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -281,6 +285,11 @@ class ProviderSettings(BaseModel):
     api_key: SecretStr | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)  # between bytes, per upstream call
+    # How long a submit waits for its answer (headers and body) once the request is
+    # sent. Both adapters' submits answer at once (the job runs upstream), so an
+    # upstream silent past this is hung: the attempt is closed outcome-unknown (it
+    # may have been accepted and billed) and the next provider is tried.
+    submit_timeout_s: float = Field(default=5.0, gt=0)
     # Whole upstream call, however the bytes trickle (a read timeout alone can be
     # defeated by an upstream that sends one byte at a time).
     total_timeout_s: float = Field(default=60.0, gt=0)

@@ -9,6 +9,8 @@ what it needs. Images must be public URLs. Outputs live on assets.vibedream.ai.
 
 from __future__ import annotations
 
+import math
+import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -73,6 +75,7 @@ class _Submitted(BaseModel):
     status: Any = "processing"
     status_url: Any = Field(default=None, alias="statusUrl")
     cost_cents: Any = Field(default=None, alias="costCents")
+    estimated_time: Any = Field(default=None, alias="estimatedTime")
 
 
 class _Prediction(BaseModel):
@@ -136,6 +139,9 @@ class VibeDreamProvider(_http.HTTPProvider):
     # -- call, map response
 
     async def submit(self, req: GenerationRequest) -> UpstreamJob:
+        # The seed: the submit "returns immediately"; an answer slower than
+        # submit_timeout_s means a hung upstream (outcome unknown), not a busy one.
+        s = self.settings
         data = await _http.call(
             self._client,
             "POST",
@@ -144,7 +150,9 @@ class VibeDreamProvider(_http.HTTPProvider):
             op="submit",
             secret=self._secret,
             json_body=self._body(req),
-            total_s=self.settings.total_timeout_s,
+            http_timeout=_http.submit_timeout(s),
+            answer_s=s.submit_timeout_s,
+            total_s=s.total_timeout_s,
         )
         sub = _http.parse_model(self.name, "submit", _Submitted, data)
         status_url = sub.status_url if isinstance(sub.status_url, str) else None
@@ -154,6 +162,7 @@ class VibeDreamProvider(_http.HTTPProvider):
             poll_url=self._poll_url(sub.id, status_url),
             charged_micro_usd=_micro_usd(sub.cost_cents),
             raw_status=str(sub.status),
+            ready_after_s=ready_after_s(sub.estimated_time, limit_s=s.deadline_s),
         )
 
     async def poll(self, job: UpstreamJob) -> UpstreamJob:
@@ -226,6 +235,33 @@ class VibeDreamProvider(_http.HTTPProvider):
             return status_url
         path = POLL_PATH.format(id=quote(upstream_id, safe=""))
         return self.settings.base_url.rstrip("/") + path
+
+
+# estimatedTime: "5-15s" in the seed; also read "~5-15s", "10s", "5 - 15 seconds",
+# "1-2 min", "5\u201315s" (an en dash). Only the low end matters: no poll before it.
+_ESTIMATE = re.compile(
+    r"^~?\s*(\d+(?:\.\d+)?)\s*(?:[-\u2013]\s*\d+(?:\.\d+)?)?\s*"
+    r"(s|sec|secs|seconds?|m|min|mins|minutes?)?$",
+    re.IGNORECASE,
+)
+
+
+def ready_after_s(estimate: object, *, limit_s: float) -> float | None:
+    """The low end of VibeDream's estimatedTime, in seconds: how long after the
+    submit the job can be done at the earliest. None (poll as the settings say)
+    when absent or unreadable, or beyond `limit_s` (the job's deadline: an estimate
+    past it is not one to sit out)."""
+    if isinstance(estimate, bool):
+        return None
+    if isinstance(estimate, int | float):
+        seconds = float(estimate)  # a bare number: seconds
+    elif isinstance(estimate, str) and (m := _ESTIMATE.match(estimate.strip())):
+        seconds = float(m.group(1)) * (60.0 if (m.group(2) or "s")[0].lower() == "m" else 1.0)
+    else:
+        return None
+    if not math.isfinite(seconds) or seconds < 0 or seconds > limit_s:
+        return None
+    return seconds
 
 
 def _micro_usd(cost_cents: object) -> int | None:

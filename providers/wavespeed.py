@@ -3,13 +3,21 @@
     POST {base}/api/v3/wavespeed-ai/flux-dev          -> {code, message, data}
     GET  {base}/api/v3/predictions/{id}/result        -> {code, message, data}
 
-Native sync mode (the POST is held until the task ends, up to ~90 s), native
-base64 outputs and per-image NSFW flags. No cancel endpoint in the seed.
+Native base64 outputs and per-image NSFW flags. No cancel endpoint in the seed.
+WaveSpeed also has a sync mode (`enable_sync_mode`: the POST is held until the
+task ends, up to ~90 s); by default the adapter does not use it: it submits
+asynchronously (the answer comes at once, so a hung upstream shows within
+submit_timeout_s) and the proxy polls, which is how it emulates sync mode for a
+client that asked for it. `use_native_sync = true` sends the client's sync flag
+upstream instead (one round trip, no polls; but a hung WaveSpeed then costs up to
+sync_read_timeout_s before failover, and a submit lost while held is a task we
+paid for and never saw).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -56,8 +64,11 @@ class WaveSpeedSettings(ProviderSettings):
     # List price of FLUX.1 [dev] on WaveSpeed, $0.012 per image, as of 2026-11.
     price_micro_usd_per_image: int = Field(default=12_000, ge=0)
     refunds_failed: bool = True  # WaveSpeed does not bill failed tasks
-    use_native_sync: bool = True
-    # Sync-mode POSTs are held up to ~90 s upstream before it gives up (code 5004).
+    # Send a client's enable_sync_mode upstream (see the module docstring); off:
+    # submit asynchronously and poll, whatever the client asked.
+    use_native_sync: bool = False
+    # With use_native_sync: sync-mode POSTs are held up to ~90 s upstream before
+    # it gives up (code 5004); this bounds the wait for such an answer.
     sync_read_timeout_s: float = Field(default=100.0, gt=0)
 
 
@@ -141,6 +152,8 @@ class WaveSpeedProvider(_http.HTTPProvider):
     ) -> None:
         super().__init__(name, settings, transport=transport, guard=guard)
         self.settings: WaveSpeedSettings = settings
+        # WaveSpeed has a sync mode; whether this provider uses it is a setting.
+        self.capabilities = replace(CAPABILITIES, native_sync=settings.use_native_sync)
 
     # -- map request
 
@@ -161,6 +174,10 @@ class WaveSpeedProvider(_http.HTTPProvider):
             guidance_scale=req.guidance_scale,
             num_images=req.num_images,
             output_format=req.output_format,
+            # The seed: base64 "instead of a URL", whatever the mode; WaveSpeed's
+            # docs say the polled result carries it too (only webhooks refuse it),
+            # so an asynchronous submit keeps native base64. Should a result come
+            # back as URLs anyway, the proxy downloads and encodes them.
             enable_base64_output=req.enable_base64_output,
             enable_safety_checker=req.enable_safety_checker,
             enable_sync_mode=self._sync(req),
@@ -170,13 +187,17 @@ class WaveSpeedProvider(_http.HTTPProvider):
     # -- call
 
     async def submit(self, req: GenerationRequest) -> UpstreamJob:
-        """One POST, never retried. In sync mode the answer is usually terminal;
-        when WaveSpeed stops holding the POST (data.code 5004) the job comes
-        back processing and the caller polls it -- never POST again."""
-        timeout, total = None, self.settings.total_timeout_s
+        """One POST, never retried. An asynchronous submit answers at once
+        ("created"); no answer within submit_timeout_s is a hung upstream, and
+        the outcome unknown. In native sync mode the answer is usually terminal;
+        when WaveSpeed stops holding the POST (data.code 5004) the job comes back
+        processing and the caller polls it -- never POST again."""
+        s = self.settings
+        timeout, answer, total = _http.submit_timeout(s), s.submit_timeout_s, s.total_timeout_s
         if self._sync(req):
-            timeout = _http.timeout(self.settings, read_s=self.settings.sync_read_timeout_s)
-            total += self.settings.sync_read_timeout_s  # the POST is held while it runs
+            answer = s.sync_read_timeout_s
+            timeout = _http.timeout(s, read_s=answer)
+            total += answer  # the POST is held while it runs
         body = await _http.call(
             self._client,
             "POST",
@@ -186,6 +207,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
             secret=self._secret,
             json_body=self._body(req),
             http_timeout=timeout,
+            answer_s=answer,
             total_s=total,
         )
         return self._job(self._data(body, "submit"), expected_format=req.output_format)
@@ -234,6 +256,9 @@ class WaveSpeedProvider(_http.HTTPProvider):
             upstream_code=data.code,
             raw_status=data.status,
         )
+        # No ready_after_s: the seed's only timing, timings.inference, measures a
+        # task that ran; it is no estimate of one still to run. Polls follow the
+        # poll settings.
         inference = data.timings.inference if data.timings else None
         if inference is not None and math.isfinite(inference):
             job.inference_ms = round(inference)

@@ -166,23 +166,25 @@ async def test_wavespeed_async_submit_poll(ws_sim: SimulatorServer, make: Factor
 async def test_wavespeed_sync_completes_in_the_submit(
     ws_sim: SimulatorServer, make: Factory
 ) -> None:
-    ws = make("wavespeed", ws_sim.base_url)
+    ws = make("wavespeed", ws_sim.base_url, use_native_sync=True)
     job = await ws.submit(gen(enable_sync_mode=True, num_images=3))
     assert job.status is JobStatus.COMPLETED and len(job.outputs) == 3
     assert ws_sim.stats["submits"] == 1 and ws_sim.stats["polls"] == 0
 
 
-async def test_wavespeed_sync_off_by_setting(ws_sim: SimulatorServer, make: Factory) -> None:
-    ws = make("wavespeed", ws_sim.base_url, use_native_sync=False)
-    job = await ws.submit(gen(enable_sync_mode=True))
-    assert job.status is JobStatus.PROCESSING
+async def test_wavespeed_sync_off_by_default(ws_sim: SimulatorServer, make: Factory) -> None:
+    for ws in (make("wavespeed", ws_sim.base_url),
+               make("wavespeed", ws_sim.base_url, use_native_sync=False)):
+        job = await ws.submit(gen(enable_sync_mode=True))
+        assert job.status is JobStatus.PROCESSING
+        assert not ws.capabilities.native_sync
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 async def test_wavespeed_base64_outputs_are_data_uris(
     ws_sim: SimulatorServer, make: Factory, fmt: str
 ) -> None:
-    ws = make("wavespeed", ws_sim.base_url)
+    ws = make("wavespeed", ws_sim.base_url, use_native_sync=True)
     req = gen(enable_sync_mode=True, enable_base64_output=True, output_format=fmt)
     job = await ws.submit(req)
     assert job.status is JobStatus.COMPLETED
@@ -202,7 +204,7 @@ async def test_wavespeed_sync_give_up_5004_then_poll(
     ws_sim: SimulatorServer, make: Factory
 ) -> None:
     ws_sim.config.sync_give_up_s = 0.1
-    ws = make("wavespeed", ws_sim.base_url)
+    ws = make("wavespeed", ws_sim.base_url, use_native_sync=True)
     job = await ws.submit(gen("[sim:latency=0.4] a fox", enable_sync_mode=True))
     assert job.status is JobStatus.PROCESSING and job.upstream_code == 5004
     done = await until_terminal(ws, job)
@@ -215,7 +217,7 @@ async def test_wavespeed_sync_bare_504_is_outcome_unknown(
 ) -> None:
     ws_sim.config.sync_give_up_s = 0.1
     ws_sim.config.sync_timeout_mode = "504"
-    ws = make("wavespeed", ws_sim.base_url)
+    ws = make("wavespeed", ws_sim.base_url, use_native_sync=True)
     req = gen("[sim:latency=1] a fox", enable_sync_mode=True)
     exc = await expect_error(OutcomeUnknown, ws.submit(req))
     assert exc.status_code == 504 and "<html" not in exc.message
@@ -359,7 +361,7 @@ async def test_wavespeed_failure_codes(
 
 async def test_wavespeed_nsfw_flags(ws_sim: SimulatorServer, make: Factory) -> None:
     ws = make("wavespeed", ws_sim.base_url)
-    job = await ws.submit(gen("[sim:nsfw=1] x", num_images=3, enable_sync_mode=True))
+    job = await until_terminal(ws, await ws.submit(gen("[sim:nsfw=1] x", num_images=3)))
     assert job.status is JobStatus.COMPLETED and job.has_nsfw_contents == [False, True, False]
 
 

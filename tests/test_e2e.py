@@ -86,8 +86,8 @@ async def test_sync_prediction_through_wavespeed(ws_only: Any,
     # Price table: $0.012 per image.
     assert body["cost_micro_usd"] == 36_000 and body["attempts"][0]["cost_micro_usd"] == 36_000
     assert "inference_ms" in body["timings"]
-    # Native sync: one submit, no polls needed.
-    assert wavespeed_sim.stats["submits"] == 1
+    # Sync emulated by the proxy (use_native_sync is off by default): one submit, polled.
+    assert wavespeed_sim.stats["submits"] == 1 and wavespeed_sim.stats["polls"] >= 1
 
 
 async def test_async_prediction_through_wavespeed(ws_only: Any) -> None:
@@ -217,11 +217,13 @@ async def test_fallback_when_first_provider_is_down(
 
 
 async def test_wavespeed_sync_give_up_is_polled_never_resubmitted(
-    ws_only: Any, wavespeed_sim: SimulatorServer
+    tmp_path: Path, wavespeed_sim: SimulatorServer
 ) -> None:
     wavespeed_sim.config.sync_give_up_s = 0.2
     wavespeed_sim.config.job_latency_s = 0.6
-    async with running_proxy(ws_only) as c:
+    settings = make_settings(tmp_path, {"wavespeed": wavespeed_sim},
+                             provider_extra={"wavespeed": {"use_native_sync": True}})
+    async with running_proxy(settings) as c:
         r = await c.post("/v1/predictions", json={"prompt": PROMPT, "enable_sync_mode": True,
                                                   "size": "512*512"})
     body = r.json()
@@ -236,7 +238,8 @@ async def test_wavespeed_bare_504_in_sync_mode_is_outcome_unknown(
     wavespeed_sim.config.sync_give_up_s = 0.1
     wavespeed_sim.config.sync_timeout_mode = "504"
     wavespeed_sim.config.job_latency_s = 0.5
-    settings = make_settings(tmp_path, {"wavespeed": wavespeed_sim, "vibedream": vibedream_sim})
+    settings = make_settings(tmp_path, {"wavespeed": wavespeed_sim, "vibedream": vibedream_sim},
+                             provider_extra={"wavespeed": {"use_native_sync": True}})
     async with running_proxy(settings) as c:
         r = await c.post("/v1/predictions", json={"prompt": PROMPT, "enable_sync_mode": True,
                                                   "size": "512*512"})

@@ -17,11 +17,15 @@ Where the seed is silent (chosen to look like the real service, and said so here
 - terminal statuses other than completed (WaveSpeed's cancelled/timeout/deleted, which
   directives can ask for) are reported as `failed`, since the seed lists only three;
 - billing (the `/_sim/billing` log): the quoted `costCents` is charged even when the job
-  then fails, since the seed quotes it at submit and says nothing of refunds.
+  then fails, since the seed quotes it at submit and says nothing of refunds;
+- `estimatedTime` is this job's own latency as a range, like the seed's "5-15s"
+  (`estimated_time`: a 5 s job says "5-15s", a 0.05 s one "0-1s"), so a client that
+  waits for its low end waits no longer than the job takes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .billing import MICRO_USD_PER_CENT
@@ -105,7 +109,7 @@ class VibeDreamWire(Wire):
             "id": job.id,
             "status": "processing",
             "statusUrl": self.poll_url(base, job.id),
-            "estimatedTime": "5-15s",
+            "estimatedTime": estimated_time(job.latency_s),
             "costCents": config.cost_cents * job.spec.num_images,
             "createdAt": job.created_iso,
         }
@@ -157,3 +161,10 @@ def _error_for(job: Job) -> str:
     if failure.status in _STATUS_ERRORS:
         return _STATUS_ERRORS[failure.status]
     return _FAILURE_ERRORS.get(failure.code or 0, _GENERIC_ERROR)
+
+
+def estimated_time(latency_s: float) -> str:
+    """A job's latency as VibeDream words its estimate: whole seconds, low-high,
+    the low end at most the latency (the seed's example: "5-15s")."""
+    low = max(0, math.floor(latency_s))
+    return f"{low}-{max(low + 1, math.ceil(latency_s * 3))}s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import datetime
 
 from tenacity import (
@@ -31,16 +32,25 @@ async def wait_terminal(
     provider: Provider, job: UpstreamJob, until: datetime, cancel: asyncio.Event, clock: Clock
 ) -> UpstreamJob:
     """Poll with backoff (the provider's poll_initial_s * poll_multiplier^n, capped
-    at poll_max_s) until terminal. Transient poll errors are retried, Retry-After is
-    honoured. Raises `tenacity.RetryError` at `until`, `Canceled` when `cancel` is set,
-    and non-transient `ProviderError`s as they come."""
+    at poll_max_s) until terminal. The first poll waits for the job's
+    `ready_after_s` (the upstream's own estimate of its earliest end) when that is
+    longer, but leaves time for a poll before `until`. Transient poll errors are
+    retried, Retry-After is honoured. Raises `tenacity.RetryError` at `until`,
+    `Canceled` when `cancel` is set, and non-transient `ProviderError`s as they come."""
     s = provider.settings
     backoff = wait_exponential(
         multiplier=s.poll_initial_s, exp_base=s.poll_multiplier, max=s.poll_max_s
     )
+    hint = job.ready_after_s
+    if hint is None or not math.isfinite(hint) or hint <= 0:
+        hint = None
 
     def wait(state: RetryCallState) -> float:
         delay = backoff(state)
+        if state.attempt_number == 1 and hint is not None:
+            # No GET before the upstream can be done; but one before the deadline.
+            left = (until - clock.now()).total_seconds()
+            delay = max(delay, min(hint, left - delay))
         outcome = state.outcome
         if outcome is not None and outcome.failed:
             exc = outcome.exception()
