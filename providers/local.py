@@ -157,7 +157,9 @@ class LocalProvider(BaseProvider):
         try:
             data = await _http.call(self._client, "POST", f"{worker.url}/v1/jobs",
                                     provider=self.name, op="submit", secret=self._secret,
-                                    json_body=body, total_s=self.settings.total_timeout_s)
+                                    json_body=body, total_s=self.settings.total_timeout_s,
+                                    http_timeout=_http.submit_timeout(self.settings),
+                                    answer_s=self.settings.submit_timeout_s)
         except UpstreamUnavailable:
             worker.healthy = False  # skip it until the next health check says otherwise
             raise
