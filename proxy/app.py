@@ -12,23 +12,26 @@ from litestar import Litestar
 from litestar.config.compression import CompressionConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
 
 from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
 from proxy import metrics
 from proxy.accounts.auth import Auth
+from proxy.accounts.ratelimit import limiter_for
 from proxy.api.admin import AdminKeysController
 from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
 from proxy.api.predictions import PredictionController
 from proxy.api.spend import spend
-from proxy.api.system import healthz, list_models, readyz
+from proxy.api.system import healthz, list_models, metrics_page, readyz
 from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
 from proxy.routing import Router
 from proxy.routing.instrumented import InstrumentedProvider
+from proxy.routing.sharing import HealthSync
+from proxy.shared import open_shared
 from proxy.store.repo import Store
 
 log = get_logger("flux_proxy.app")
@@ -85,18 +88,30 @@ def create_app(
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()
+        # Shared by every process and replica (README "Several processes").
+        shared = open_shared(settings.redis_url.get_secret_value()) if settings.redis_url \
+            else None
+        if shared is not None and not await shared.ping():
+            log.warning("redis.unreachable", redis=shared.safe_url,
+                        message="rate limits and breakers are per process until it answers")
         app.state.auth = Auth(
             store,
             enabled=settings.auth_enabled,
             admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
             key_secret=settings.key_secret.get_secret_value() if settings.key_secret else None,
+            limiter=limiter_for(shared=shared, store=store, workers=settings.workers),
         )
         await app.state.auth.secret()
+        health_sync = HealthSync(router.health, shared, instance_id) if shared else None
+        if health_sync is not None:
+            await health_sync.start()
         await service.start()
         log.info("proxy.started", instance_id=instance_id, providers=router.enabled,
                  disabled=disabled, database=store.safe_url, auth=settings.auth_enabled,
                  key_hash_secret=app.state.auth.secret_source,
-                 admin_routes=bool(settings.admin_key))
+                 admin_routes=bool(settings.admin_key),
+                 redis=shared.safe_url if shared else None,
+                 rate_limits=type(app.state.auth.limiter).__name__)
         if not settings.auth_enabled:
             log.warning("auth.disabled", message="client API keys are NOT checked "
                         "(auth_enabled = false): every caller can spend; local development only")
@@ -104,6 +119,10 @@ def create_app(
             yield
         finally:
             await service.stop()
+            if health_sync is not None:
+                await health_sync.stop()
+            if shared is not None:
+                await shared.aclose()
             for provider in providers.values():
                 await provider.aclose()
             await store.dispose()
@@ -119,7 +138,7 @@ def create_app(
     }
     app = Litestar(
         route_handlers=[PredictionController, list_models, spend, AdminKeysController,
-                        healthz, readyz, PrometheusController],
+                        healthz, readyz, metrics_page],
         lifespan=[lifespan],
         middleware=[prometheus.middleware],
         exception_handlers=handlers,

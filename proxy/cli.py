@@ -51,28 +51,30 @@ def _settings(**overrides: Any) -> Settings:
 @main.command()
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1, FLUX_PROXY_HOST).")
 @click.option("--port", type=int, default=None, help="Port (default 8080, FLUX_PROXY_PORT).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Server processes on the port, sharing the database (default 1, "
+                   "FLUX_PROXY_WORKERS).")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str | None, port: int | None, log_level: str | None) -> None:
+def serve(host: str | None, port: int | None, workers: int | None,
+          log_level: str | None) -> None:
     """Apply migrations and serve the proxy.
 
-    The process's memory budgets (max_inflight_download_bytes,
-    max_inflight_decode_bytes) are sized here, before the app starts, and clients
-    get the header and body read timeouts (proxy/client_timeouts.py)."""
-    import uvicorn
+    Each process's memory budgets (max_inflight_download_bytes,
+    max_inflight_decode_bytes) are sized before its app starts, and clients get
+    the header and body read timeouts (proxy/client_timeouts.py). With --workers N
+    a supervisor migrates once, then runs and restarts N workers (proxy/serve.py)."""
+    from proxy.serve import serve as run
+    from proxy.shared import parse_redis_url
 
-    from common.media import budget
-    from proxy.app import create_app
-    from proxy.client_timeouts import protocol_class
-
-    settings = _settings(host=host, port=port, log_level=log_level)
-    budget.configure(download_bytes=settings.max_inflight_download_bytes,
-                     decode_bytes=settings.max_inflight_decode_bytes)
-    app = create_app(settings)
-    http = protocol_class(header_timeout_s=settings.client_header_timeout_s,
-                          body_timeout_s=settings.client_body_timeout_s)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, proxy_headers=True, server_header=False, http=http)
+    settings = _settings(host=host, port=port, workers=workers, log_level=log_level)
+    if settings.redis_url is not None:
+        try:
+            parse_redis_url(settings.redis_url.get_secret_value())
+        except ValueError as exc:
+            click.echo(f"configuration error: redis_url: {exc}", err=True)
+            sys.exit(2)
+    sys.exit(run(settings))
 
 
 @main.group()

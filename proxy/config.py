@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     # Names this process in leases; a restart with the same id resumes its own
     # predictions at once. Empty: "<hostname>:<port>".
     instance_id: str = ""
+    # Server processes on one port (`serve --workers`), sharing the database; each is
+    # named "<instance_id>/<n>" in leases. 1: one process, as before (proxy/serve.py).
+    workers: int = Field(default=1, ge=1, le=64)
+    # FLUX_PROXY_REDIS_URL: key rate limits, breaker opens and provider 429 cooldowns
+    # shared by every process and replica (`?key_prefix=` names its keys; proxy/shared.py).
+    redis_url: SecretStr | None = None
     # Client API keys on every /v1 route. Switch off only for local development.
     auth_enabled: bool = True
     admin_key: SecretStr | None = None  # FLUX_PROXY_ADMIN_KEY: guards /admin and sees all

@@ -1,4 +1,5 @@
-"""Client API keys: generation, keyed hashing, lookup, guards, per-key rate limits.
+"""Client API keys: generation, keyed hashing, lookup, guards, per-key rate limits
+(the buckets: proxy/accounts/ratelimit.py).
 
 Keys are 256-bit random strings shown once. Only HMAC-SHA256(secret, key) is
 stored; the secret is FLUX_PROXY_KEY_SECRET, or else one generated per database
@@ -14,7 +15,7 @@ import math
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -22,6 +23,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 
 from common.logging import register_secrets
+from proxy.accounts.ratelimit import LocalRateLimiter, RateLimiter
 from proxy.store.models import ApiKey, utcnow
 from proxy.store.repo import Store
 
@@ -71,27 +73,10 @@ class Principal:
         return self.key is None
 
 
-@dataclass(slots=True)
-class TokenBucket:
-    rate: float
-    burst: float
-    tokens: float
-    updated: float = field(default_factory=time.monotonic)
-
-    def take(self) -> float | None:
-        """None when allowed; else seconds until a token is free."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return None
-        return (1 - self.tokens) / self.rate
-
-
 class Auth:
     def __init__(self, store: Store, *, enabled: bool, admin_key: str | None,
-                 key_secret: str | None, cache_ttl_s: float = 5.0) -> None:
+                 key_secret: str | None, cache_ttl_s: float = 5.0,
+                 limiter: RateLimiter | None = None) -> None:
         self.store = store
         self.enabled = enabled
         self.admin_key = admin_key or None
@@ -99,7 +84,8 @@ class Auth:
         self._secret: bytes | None = None
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._buckets: dict[str, TokenBucket] = {}
+        # Where key rate limits are counted: this process, Redis or the database.
+        self.limiter: RateLimiter = limiter or LocalRateLimiter()
         register_secrets([admin_key, key_secret])
 
     async def secret(self) -> bytes:
@@ -153,15 +139,12 @@ class Auth:
             raise NotAuthorizedException("API key revoked")
         return Principal(key=row)
 
-    def rate_limit(self, key: ApiKey) -> float | None:
+    async def rate_limit(self, key: ApiKey) -> float | None:
         """Seconds to wait when `key` is over its rate; None when allowed."""
         if not key.rate_per_s:
             return None
-        bucket = self._buckets.get(key.id)
-        if bucket is None or bucket.rate != key.rate_per_s:
-            burst = float(key.burst or max(1, math.ceil(key.rate_per_s)))
-            bucket = self._buckets[key.id] = TokenBucket(key.rate_per_s, burst, burst)
-        return bucket.take()
+        burst = float(key.burst or max(1, math.ceil(key.rate_per_s)))
+        return await self.limiter.take(key.id, key.rate_per_s, burst)
 
 
 def _bearer(header: str | None) -> str | None:

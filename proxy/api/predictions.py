@@ -111,7 +111,7 @@ class PredictionController(Controller):
             return parsed
         principal = principal_of(request)
         if principal.key is not None:
-            wait = auth.rate_limit(principal.key)
+            wait = await auth.rate_limit(principal.key)
             if wait is not None:
                 return error_response(
                     429, f"rate limit of key {principal.key.name!r} exceeded",

@@ -1,4 +1,4 @@
-"""/v1/models, /healthz, /readyz."""
+"""/v1/models, /healthz, /readyz, /metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Response, get
 
+from proxy import metrics
 from proxy.accounts.auth import require_key
 from proxy.api.deps import ProvidersDep, ServiceDep, SettingsDep
 
@@ -40,6 +41,12 @@ async def list_models(service: ServiceDep, settings: SettingsDep,
             for model in settings.models
         ]
     }
+
+
+@get("/metrics", tags=["system"], summary="Prometheus metrics (of every worker together)",
+     media_type=metrics.CONTENT_TYPE)
+async def metrics_page() -> bytes:
+    return metrics.exposition()
 
 
 @get("/healthz", tags=["system"], summary="Liveness: the process answers")

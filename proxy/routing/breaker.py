@@ -8,7 +8,8 @@ started before the streak has finished: a burst's fast failures cannot open
 the breaker while its slow successes are still running. While open the provider
 gets no traffic; after `cooldown_s` it is half-open and lets at most
 `half_open_probes` requests through at once: one success closes it, one failure
-opens it again. State is per process.
+opens it again. State is per process; with Redis, an open is shared with the
+other processes (`trip`, routing/sharing.py), each of which then probes on its own.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CircuitBreaker:
         self._tickets = itertools.count(1)
         self._inflight: dict[int, float] = {}  # ticket -> start time
         self._streak_start: float | None = None  # start of the first failure in the streak
+        self.opens = 0  # times this breaker opened on its own outcomes (not `trip`)
 
     @property
     def state(self) -> BreakerState:
@@ -129,9 +131,21 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN and self._probes > 0:
             self._probes -= 1
 
+    def trip(self, for_s: float) -> bool:
+        """Open for `for_s` seconds, because another process opened this provider's
+        breaker; then half-open as usual. False (nothing changes) when it is already
+        open at least that long."""
+        if self._state is BreakerState.OPEN and self.retry_in() >= for_s:
+            return False
+        self._state, self._probes = BreakerState.OPEN, 0
+        self._opened_at = self._clock() + for_s - self.settings.cooldown_s
+        self._streak_start = None
+        return True
+
     def _open(self) -> None:
         self._state, self._opened_at, self._probes = BreakerState.OPEN, self._clock(), 0
         self._streak_start = None
+        self.opens += 1
 
     def _record(self, ok: bool) -> None:
         self._calls.append((self._clock(), ok))

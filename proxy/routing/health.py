@@ -1,4 +1,8 @@
-"""What this process knows of each provider's health: breaker, 429 cooldown, latency."""
+"""What this process knows of each provider's health: breaker, 429 cooldown, latency.
+
+With Redis (routing/sharing.py), what one process learns that keeps a provider
+out of traffic is shared: `share` hears of each breaker open and each 429
+cooldown here, and `apply_shared` brings in those of the other processes."""
 
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ class ProviderHealth:
         self._limited_until = 0.0
         self.latency_ewma_s: float | None = None
         self._latencies: deque[float] = deque(maxlen=samples)
+        # Told (provider, "open" | "rate_limited", seconds) when this process opens the
+        # breaker or gets a 429 (routing/sharing.py shares it); None: nobody listens.
+        self.share: Callable[[str, str, float], None] | None = None
         self._publish()
 
     def rate_limited_for(self) -> float:
@@ -67,6 +74,7 @@ class ProviderHealth:
     def record(self, kind: ErrorKind | None, *, ok: bool, latency_s: float | None = None,
                retry_after_s: float | None = None, ticket: int | None = None) -> None:
         """Feed one finished attempt back: `ok` for a completed job, else its kind."""
+        opens = self.breaker.opens
         if ok:
             self.breaker.on_success(ticket)
             if latency_s is not None:
@@ -79,10 +87,24 @@ class ProviderHealth:
             wait = retry_after_s if retry_after_s is not None else self._default_retry_after
             self._limited_until = max(self._limited_until, self._clock() + wait)
             self.breaker.on_neutral(ticket)
+            if self.share is not None:
+                self.share(self.name, "rate_limited", wait)
         elif kind in UNHEALTHY:
             self.breaker.on_failure(ticket)
         else:
             self.breaker.on_neutral(ticket)
+        if self.breaker.opens != opens and self.share is not None:
+            self.share(self.name, "open", self.breaker.settings.cooldown_s)
+        self._publish()
+
+    def apply_shared(self, *, open_for: float | None = None,
+                     limited_for: float | None = None) -> None:
+        """What another process found: the breaker opened there (`open_for` seconds
+        of its cooldown left), or a 429 cooldown (`limited_for` seconds left)."""
+        if open_for is not None and open_for > 0:
+            self.breaker.trip(open_for)
+        if limited_for is not None and limited_for > 0:
+            self._limited_until = max(self._limited_until, self._clock() + limited_for)
         self._publish()
 
     def latency_percentile(self, pct: float, min_samples: int) -> float | None:
