@@ -8,6 +8,7 @@ Every outcome is fed back to the router (breaker, rate limits, latency).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -142,6 +143,11 @@ class Attempts:
         attempt.status, attempt.quoted_micro_usd = "processing", quoted
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)
+        if job.ready_after_s is None:  # no estimate from the upstream: learn one
+            learned = self.router.ready_after(provider.name)
+            if learned is not None:
+                spent = (self.clock.now() - attempt.created_at).total_seconds()
+                job = dataclasses.replace(job, ready_after_s=max(0.0, learned - spent))
         return await self.follow(run, provider, attempt, gen, job, cancel)
 
     async def follow(

@@ -24,6 +24,9 @@ from proxy.routing.health import ProviderHealth
 Strategy = Literal["priority", "cheapest", "fastest", "weighted"]
 
 
+# Completed attempts a provider needs before their durations set the first poll.
+READY_MIN_SAMPLES = 20
+
 class RouteSettings(BaseModel):
     """How one model's requests are routed."""
 
@@ -201,6 +204,12 @@ class Router:
         if name in self.health:
             self.health[name].record(kind, ok=ok, latency_s=latency_s,
                                      retry_after_s=retry_after_s)
+
+    def ready_after(self, name: str) -> float | None:
+        """No poll is worth making before this many seconds after a submit: the 10th
+        percentile of the provider's recent completed attempts (None: too few yet)."""
+        health = self.health.get(name)
+        return health.latency_percentile(10, READY_MIN_SAMPLES) if health else None
 
     def hedge_delay(self, model: str, name: str) -> float | None:
         """Seconds after which to hedge an attempt on `name`; None: no hedging."""
