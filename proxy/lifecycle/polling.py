@@ -33,8 +33,9 @@ async def wait_terminal(
 ) -> UpstreamJob:
     """Poll with backoff (the provider's poll_initial_s * poll_multiplier^n, capped
     at poll_max_s) until terminal. The first poll waits for the job's
-    `ready_after_s` (the upstream's own estimate of its earliest end) when that is
-    longer, but leaves time for a poll before `until`. Transient poll errors are
+    `ready_after_s` (the upstream's own estimate of its earliest end, or one learned
+    from its recent jobs) when that is longer, but leaves time for a poll before
+    `until`; the polls after it are spaced as for a job of that age. Transient poll errors are
     retried, Retry-After is honoured. Raises `tenacity.RetryError` at `until`,
     `Canceled` when `cancel` is set, and non-transient `ProviderError`s as they come."""
     s = provider.settings
@@ -44,6 +45,11 @@ async def wait_terminal(
     hint = job.ready_after_s
     if hint is None or not math.isfinite(hint) or hint <= 0:
         hint = None
+    started = clock.now()
+    # The backoff's delay once a job is `age` seconds old is about age * (m - 1) / m
+    # (a geometric series); after a long first wait (the hint) it continues from
+    # there instead of restarting at poll_initial_s.
+    growth = (s.poll_multiplier - 1) / s.poll_multiplier
 
     def wait(state: RetryCallState) -> float:
         delay = backoff(state)
@@ -51,6 +57,9 @@ async def wait_terminal(
             # No GET before the upstream can be done; but one before the deadline.
             left = (until - clock.now()).total_seconds()
             delay = max(delay, min(hint, left - delay))
+        elif hint is not None and growth > 0:
+            age = (clock.now() - started).total_seconds()
+            delay = max(delay, min(s.poll_max_s, age * growth))
         outcome = state.outcome
         if outcome is not None and outcome.failed:
             exc = outcome.exception()

@@ -118,6 +118,22 @@ async def test_a_5_to_15s_job_is_not_polled_before_5s() -> None:
     assert len(fake.polls) <= 5
 
 
+async def test_after_the_estimate_polls_are_spaced_for_the_jobs_age() -> None:
+    # A 10-30 s job estimated "10-30s", done at 20 s: polls resume at the backoff's
+    # cap (2 s) for a job that old, not at 0.25 s again: a handful, not a dozen.
+    fake = FakeVibeDream("10-30s", done_after_s=20.0)
+    provider = vibedream(fake)
+    try:
+        done = await follow(provider, await provider.submit(_gen()))
+    finally:
+        await provider.aclose()
+    assert done.status is JobStatus.COMPLETED
+    assert fake.polls[0] >= 10.0
+    gaps = [b - a for a, b in zip(fake.polls, fake.polls[1:], strict=False)]
+    assert gaps and min(gaps) >= 1.9
+    assert len(fake.polls) <= 7
+
+
 @pytest.mark.parametrize("estimate", ["garbage", ABSENT, "0-1s"])
 async def test_without_a_usable_estimate_polls_start_at_poll_initial_s(estimate: object) -> None:
     fake = FakeVibeDream(estimate, done_after_s=6.0)
