@@ -159,3 +159,32 @@ async def test_keys_never_appear_in_logs(tmp_path: Path,
     finished = [e for e in events if e.get("prediction_id") == key_id
                 and e["event"] == "prediction.finished"]
     assert finished and finished[0]["api_key_id"].startswith("key_")  # the id, never the key
+
+
+async def test_concurrent_requests_of_one_key_share_one_lookup(tmp_path: Path) -> None:
+    # When a key's cache entry expires under load, the requests that missed wait for
+    # one query instead of each running it (a burst of N would be N queries).
+    import asyncio
+
+    from proxy.accounts.auth import Auth
+    from proxy.store import Store
+
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}")
+    await store.upgrade()
+    try:
+        auth = Auth(store, enabled=True, admin_key=None, key_secret="s" * 32)
+        key, row = await auth.create("team")
+        calls = 0
+        real = store.key_by_hash
+
+        async def counted(digest: str) -> Any:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return await real(digest)
+
+        store.key_by_hash = counted  # type: ignore[method-assign]
+        found = await asyncio.gather(*(auth.authenticate(f"Bearer {key}") for _ in range(50)))
+        assert calls == 1 and all(p.key_id == row.id for p in found)
+    finally:
+        await store.dispose()

@@ -9,6 +9,7 @@ a database dump alone cannot even confirm a key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
@@ -84,6 +85,7 @@ class Auth:
         self._secret: bytes | None = None
         self._ttl = cache_ttl_s
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        self._lookups: dict[str, asyncio.Future[ApiKey | None]] = {}
         # Where key rate limits are counted: this process, Redis or the database.
         self.limiter: RateLimiter = limiter or LocalRateLimiter()
         register_secrets([admin_key, key_secret])
@@ -118,7 +120,24 @@ class Auth:
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        row = await self.store.key_by_hash(digest)
+        # One lookup per key at a time: when an entry expires under load, the
+        # requests that missed wait for the same query instead of each running it.
+        pending = self._lookups.get(digest)
+        if pending is not None:
+            await asyncio.wait([pending])  # its failure is not ours: then look it up here
+            if not pending.cancelled() and pending.exception() is None:
+                return pending.result()
+        pending = asyncio.get_running_loop().create_future()
+        self._lookups[digest] = pending
+        try:
+            row = await self.store.key_by_hash(digest)
+        except BaseException:
+            pending.cancel()
+            raise
+        finally:
+            if self._lookups.get(digest) is pending:
+                del self._lookups[digest]
+        pending.set_result(row)
         if len(self._cache) > 10_000:  # bounded: unknown keys must not grow it forever
             self._cache.clear()
         self._cache[digest] = (now + self._ttl, row)
