@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+from collections import OrderedDict
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -28,6 +29,9 @@ from proxy.store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
 from proxy.store.repo import Store
 
 log = get_logger("flux_proxy.service")
+# Ended predictions kept for GETs without a query: a few seconds' worth at a high rate.
+RECENT_MAX = 2_000
+RECENT_TTL_S = 30.0
 
 
 class NoProvider(Exception):
@@ -77,6 +81,8 @@ class PredictionService:
         self.prediction_deadline_s = prediction_deadline_s
         self._holds_swept_at = float("-inf")
         self._runs: dict[str, Run] = {}
+        # Predictions that ended here lately: a client's next GET needs no query.
+        self._recent: OrderedDict[str, tuple[float, Run]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -153,6 +159,8 @@ class PredictionService:
 
         def _done(_: asyncio.Task[None]) -> None:
             self._runs.pop(run.pred.id, None)
+            if run.pred.status in TERMINAL_STATUSES:
+                self._remember(run)
             metrics.PREDICTIONS_IN_FLIGHT.dec()
             if run.key is not None and run.key.budget_micro_usd is not None:
                 publish = asyncio.create_task(self.budgets.publish(run.key))
@@ -160,6 +168,20 @@ class PredictionService:
                 publish.add_done_callback(self._background.discard)
 
         run.task.add_done_callback(_done)
+
+    def _remember(self, run: Run) -> None:
+        self._recent[run.pred.id] = (self.clock.monotonic() + RECENT_TTL_S, run)
+        while len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+
+    def _recent_run(self, prediction_id: str) -> Run | None:
+        hit = self._recent.get(prediction_id)
+        if hit is None:
+            return None
+        if hit[0] <= self.clock.monotonic():
+            del self._recent[prediction_id]
+            return None
+        return hit[1]
 
     # ------------------------------------------------------------------ commands
 
@@ -248,7 +270,7 @@ class PredictionService:
     async def get(self, prediction_id: str, principal: Principal | None = None
                   ) -> tuple[Prediction, list[Attempt]]:
         """A client key sees only its own predictions; others are 'not found'."""
-        run = self._runs.get(prediction_id)
+        run = self._runs.get(prediction_id) or self._recent_run(prediction_id)
         found = (run.pred, list(run.attempts)) if run is not None else (
             await self.store.get_with_attempts(prediction_id))
         if found is None or not _visible(found[0], principal):
