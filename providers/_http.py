@@ -33,6 +33,8 @@ from pydantic import BaseModel, ValidationError
 
 from common import media
 
+from ._pool import lean_pool
+from ._urls import URLCache
 from .base import (
     AuthFailed,
     BaseProvider,
@@ -91,18 +93,19 @@ def build_client(
     headers = {"Accept": "application/json", "User-Agent": "flux-proxy"}
     if settings.api_key is not None:
         headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
-    return httpx.AsyncClient(
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=settings.max_connections,
+        keepalive_expiry=settings.keepalive_expiry_s,
+    )
+    return lean_pool(httpx.AsyncClient(
         base_url=settings.base_url,
         headers=headers,
         timeout=timeout(settings),
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=settings.keepalive_expiry_s,
-        ),
+        limits=limits,
         follow_redirects=False,
         transport=transport,
-    )
+    ), settings)
 
 
 def build_asset_client(
@@ -110,24 +113,15 @@ def build_asset_client(
 ) -> httpx.AsyncClient:
     """The output-download client: no Authorization header, ever (asset hosts
     are CDNs and buckets; our key has no business there)."""
-    return httpx.AsyncClient(
+    limits = httpx.Limits(max_connections=settings.max_connections,
+                          keepalive_expiry=settings.keepalive_expiry_s)
+    return lean_pool(httpx.AsyncClient(
         headers={"User-Agent": "flux-proxy"},
         timeout=httpx.Timeout(settings.download_timeout_s, connect=settings.connect_timeout_s),
-        limits=httpx.Limits(max_connections=settings.max_connections,
-                            keepalive_expiry=settings.keepalive_expiry_s),
+        limits=limits,
         follow_redirects=False,
         transport=transport,
-    )
-
-
-def same_origin(url: str, base_url: str) -> bool:
-    """True when `url` is on base_url's scheme, host and port: the only place an
-    upstream-supplied URL may be fetched with our key."""
-    try:
-        u, b = httpx.URL(url), httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError):
-        return False
-    return (u.scheme, u.host, u.port) == (b.scheme, b.host, b.port) and not u.userinfo
+    ), settings)
 
 
 async def download(
@@ -191,8 +185,9 @@ async def download(
 async def call(
     client: httpx.AsyncClient,
     method: str,
-    url: str,
+    url: str | httpx.URL,
     *,
+    urls: URLCache | None = None,
     provider: str,
     op: Call,
     secret: str | None = None,
@@ -206,7 +201,8 @@ async def call(
     `total_s` bounds the whole call, body included. `answer_s` bounds the wait for
     the answer (headers and body) once the request has been sent, however the
     bytes come: the clock starts when the request body is written, so a slow
-    upload of a large request does not count against it."""
+    upload of a large request does not count against it. `urls` parses `url`
+    (a string) once for all calls; its errors are mapped like httpx's own."""
     extra: dict[str, Any] = {} if http_timeout is None else {"timeout": http_timeout}
     answer_bound = False
     try:
@@ -226,7 +222,8 @@ async def call(
                             answer_bound = True
 
                 extra["extensions"] = {"trace": trace}
-            response = await client.request(method, url, json=json_body, **extra)
+            target = urls.get(url) if urls is not None and isinstance(url, str) else url
+            response = await client.request(method, target, json=json_body, **extra)
     except TimeoutError as exc:  # a bound of ours: the request went out
         limit = f"{answer_s}s of sending" if answer_bound else f"{total_s}s"
         if op == "submit":
@@ -424,6 +421,7 @@ class HTTPProvider(BaseProvider):
         self.name = name
         self._secret = settings.api_key.get_secret_value() if settings.api_key else None
         self._client = build_client(settings, transport=transport)
+        self._urls = URLCache(self._client.base_url)
         self._assets = build_asset_client(settings, transport=transport)
         self._guard = guard or media.OutboundGuard(allow_private=settings.allow_private_asset_hosts)
         self._download_settings = settings

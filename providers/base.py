@@ -303,6 +303,11 @@ class ProviderSettings(BaseModel):
     # use 5 s): a submit sent on a connection the server is closing would otherwise
     # fail after sending, and such an outcome-unknown submit is never repeated.
     keepalive_expiry_s: float = Field(default=2.0, ge=0)
+    # The connection pool's bookkeeping per request: false, httpcore's own (it
+    # scans every connection, and polls each idle socket, on every request: its cost
+    # grows with the connections open); true, a pass with the same rules that checks
+    # only the connection it hands out (providers/_http.py, LeanConnectionPool).
+    lean_pool: bool = True
     # Hosts the proxy downloads outputs from (base64 emulation). "*.x.com" matches subdomains.
     asset_hosts: list[str] = Field(default_factory=list)
     # Let those downloads reach private/loopback addresses (simulators, on-prem hosts).

@@ -21,7 +21,7 @@ import httpx
 from pydantic import Field, field_validator
 
 from common import media
-from providers import _http
+from providers import _http, _pool
 from providers.base import (
     BaseProvider,
     Capabilities,
@@ -89,11 +89,12 @@ class LocalProvider(BaseProvider):
             min_side=64, max_side=1536, native_base64=True, native_nsfw_flags=True, cancel=True)
         token = settings.api_key.get_secret_value() if settings.api_key else None
         self._secret = token
-        self._client = httpx.AsyncClient(
+        limits = httpx.Limits(max_connections=settings.max_connections,
+                              keepalive_expiry=settings.keepalive_expiry_s)
+        self._client = _pool.lean_pool(httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"} if token else {},
-            timeout=_http.timeout(settings), transport=transport, follow_redirects=False,
-            limits=httpx.Limits(max_connections=settings.max_connections,
-                                keepalive_expiry=settings.keepalive_expiry_s))
+            timeout=_http.timeout(settings), follow_redirects=False, limits=limits,
+            transport=transport), settings)
         self._guard = guard or media.OutboundGuard(
             allow_private=settings.allow_private_asset_hosts)
         hosts = [urlsplit(u).netloc for u in settings.worker_urls]

@@ -149,6 +149,7 @@ class VibeDreamProvider(_http.HTTPProvider):
             provider=self.name,
             op="submit",
             secret=self._secret,
+            urls=self._urls,
             json_body=self._body(req),
             http_timeout=_http.submit_timeout(s),
             answer_s=s.submit_timeout_s,
@@ -173,6 +174,7 @@ class VibeDreamProvider(_http.HTTPProvider):
             provider=self.name,
             op="poll",
             secret=self._secret,
+            urls=self._urls,
             total_s=self.settings.total_timeout_s,
         )
         pred = _http.parse_model(self.name, "poll", _Prediction, data)
@@ -231,7 +233,7 @@ class VibeDreamProvider(_http.HTTPProvider):
     def _poll_url(self, upstream_id: str, status_url: str | None) -> str:
         """statusUrl only when it is on our base_url's origin: anywhere else our
         Bearer key would go with the GET."""
-        if status_url and _http.same_origin(status_url, self.settings.base_url):
+        if status_url and self._urls.same_origin(status_url):
             return status_url
         path = POLL_PATH.format(id=quote(upstream_id, safe=""))
         return self.settings.base_url.rstrip("/") + path

@@ -205,6 +205,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
             provider=self.name,
             op="submit",
             secret=self._secret,
+            urls=self._urls,
             json_body=self._body(req),
             http_timeout=timeout,
             answer_s=answer,
@@ -220,6 +221,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
             provider=self.name,
             op="poll",
             secret=self._secret,
+            urls=self._urls,
             total_s=self.settings.total_timeout_s,
         )
         data = self._data(body, "poll")
@@ -326,7 +328,7 @@ class WaveSpeedProvider(_http.HTTPProvider):
     def _poll_url(self, upstream_id: str, get_url: str | None) -> str:
         """data.urls.get only on our base_url's origin: anywhere else our Bearer
         key would go with the GET."""
-        if get_url and _http.same_origin(get_url, self.settings.base_url):
+        if get_url and self._urls.same_origin(get_url):
             return get_url
         path = RESULT_PATH.format(id=quote(upstream_id, safe=""))
         return self.settings.base_url.rstrip("/") + path
