@@ -73,3 +73,26 @@ async def test_a_conditional_write_reports_its_own_rowcount(store: Store) -> Non
     assert (again, other) == (False, True)  # batched together, each its own answer
     stored = await store.get_prediction(done.id)
     assert stored is not None and stored.status == "failed"
+
+
+async def test_batched_and_budget_holding_writes_interleave_on_one_sqlite_file(
+        store: Store) -> None:
+    # Batches go through the writer thread's connection, writes that take a budget
+    # hold through the async engine's: both write the same file, and all land.
+    from datetime import UTC, datetime
+
+    from proxy.store.budget import Hold
+    from proxy.store.models import ApiKey
+
+    key = await store.create_key(ApiKey(id="k1", name="team", key_hash="h" * 64,
+                                        prefix="fp_test", budget_micro_usd=10**9,
+                                        budget_period="month"))
+    since = datetime(2000, 1, 1, tzinfo=UTC)
+    held = [pred(api_key_id=key.id) for _ in range(20)]
+    free = [pred() for _ in range(50)]
+    await asyncio.gather(
+        *(store.create_prediction(p, Hold(key.id, 10**9, since, 1000)) for p in held),
+        *(store.create_prediction(p) for p in free))
+    rows, _ = await store.list_predictions(limit=200)
+    assert {r.id for r in rows} == {p.id for p in held + free}
+    assert await store.exposure(key.id, since) == (0, 20 * 1000)

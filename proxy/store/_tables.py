@@ -7,9 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Connection, Table
+from sqlalchemy.orm import Session
 
 from proxy.store.models import Attempt, Prediction, Reservation
+
+# What a write runs on: a Connection (the SQLite writer thread) or a Session.
+Tx = Session | Connection
 
 PREDICTIONS: Table = Prediction.__table__  # type: ignore[attr-defined]
 ATTEMPTS: Table = Attempt.__table__  # type: ignore[attr-defined]

@@ -7,11 +7,10 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from proxy.store._sql import checked_fields, rowcount
-from proxy.store._tables import ATTEMPTS
+from proxy.store._tables import ATTEMPTS, Tx
 from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.leases import ACTIVE_STATUSES
 from proxy.store.models import ATTEMPT_STATUSES, Attempt, Prediction, utcnow
@@ -26,11 +25,11 @@ class AttemptWritesMixin(BudgetMixin):
     def _wrote(self, operation: str) -> None:
         raise NotImplementedError
 
-    async def _commit(self, op: Callable[[AsyncSession], Any], *, alone: bool = False) -> Any:
+    async def _commit(self, op: Callable[[Tx], Any], *, alone: bool = False) -> Any:
         raise NotImplementedError
 
     @staticmethod
-    async def _insert_attempt(session: AsyncSession, a: Attempt) -> None:
+    def _insert_attempt(session: Tx, a: Attempt) -> None:
         raise NotImplementedError
 
     async def add_attempt(self, a: Attempt) -> Attempt:
@@ -48,8 +47,8 @@ class AttemptWritesMixin(BudgetMixin):
         new upstream submit. False (nothing written) when it may not start.
         With `hold`, the attempt's budget hold is taken in the same transaction
         (BudgetRefused: nothing written)."""
-        async def op(session: AsyncSession) -> bool:
-            result = await session.execute(
+        def op(session: Tx) -> bool:
+            result = session.execute(
                 update(Prediction)
                 .where(col(Prediction.id) == a.prediction_id,
                        col(Prediction.status).in_(ACTIVE_STATUSES),
@@ -59,9 +58,9 @@ class AttemptWritesMixin(BudgetMixin):
             if rowcount(result) == 0:
                 return False
             if hold is not None:
-                await self._hold(session, hold, a.prediction_id, a.seq)
+                self._hold(session, hold, a.prediction_id, a.seq)
                 a.reserved_micro_usd = hold.amount_micro_usd
-            await self._insert_attempt(session, a)
+            self._insert_attempt(session, a)
             return True
 
         if not await self._commit(op, alone=hold is not None):
@@ -81,10 +80,10 @@ class AttemptWritesMixin(BudgetMixin):
                              **fields: Any) -> None:
         """The upstream accepted the attempt: its id (and, when it quoted above what
         was held, the hold raised to the quote), in one transaction."""
-        async def op(session: AsyncSession) -> None:
-            await _set(session, attempt, fields)
+        def op(session: Tx) -> None:
+            _set(session, attempt, fields)
             if raise_hold_to is not None:
-                await self._raise_hold(session, attempt.prediction_id, attempt.seq,
+                self._raise_hold(session, attempt.prediction_id, attempt.seq,
                                        raise_hold_to)
 
         await self._commit(op)
@@ -92,15 +91,15 @@ class AttemptWritesMixin(BudgetMixin):
 
     async def end_attempt(self, attempt: Attempt, **fields: Any) -> None:
         """Record an attempt's end (its cost) and drop its budget hold, atomically."""
-        async def op(session: AsyncSession) -> None:
-            await _set(session, attempt, fields)
-            await self._drop_hold(session, attempt.prediction_id, attempt.seq)
+        def op(session: Tx) -> None:
+            _set(session, attempt, fields)
+            self._drop_hold(session, attempt.prediction_id, attempt.seq)
 
         await self._commit(op)
         self._wrote("update_attempt")
 
 
-async def _set(session: AsyncSession, attempt: Attempt, fields: dict[str, Any]) -> None:
+def _set(session: Tx, attempt: Attempt, fields: dict[str, Any]) -> None:
     values = checked_fields(Attempt, fields, ATTEMPT_STATUSES)
     assert attempt.id is not None
-    await session.execute(update(ATTEMPTS).where(ATTEMPTS.c.id == attempt.id).values(**values))
+    session.execute(update(ATTEMPTS).where(ATTEMPTS.c.id == attempt.id).values(**values))

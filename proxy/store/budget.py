@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from proxy.store._tables import ATTEMPTS, RESERVATIONS
+from proxy.store._tables import ATTEMPTS, RESERVATIONS, Tx
 from proxy.store.models import ApiKey, Attempt, Prediction, Reservation, utcnow
 
 _RUNNING = ("submitting", "processing")
@@ -54,29 +54,29 @@ class BudgetMixin:
     _sessions: async_sessionmaker[AsyncSession]
     _pg: bool
 
-    async def _hold(self, session: AsyncSession, hold: Hold, prediction_id: str, seq: int
+    def _hold(self, session: Tx, hold: Hold, prediction_id: str, seq: int
                     ) -> None:
         """Inside the caller's transaction: check and take the hold, or raise."""
         key = col(ApiKey.id) == hold.api_key_id
         if self._pg:  # reservers of one key queue here
-            await session.execute(select(col(ApiKey.id)).where(key).with_for_update())
+            session.execute(select(col(ApiKey.id)).where(key).with_for_update())
         else:  # a write first: SQLite's lock is held from here to the commit
-            await session.execute(update(ApiKey).where(key).values(
+            session.execute(update(ApiKey).where(key).values(
                 budget_period=ApiKey.budget_period), execution_options={
                 "synchronize_session": False})
-        spent, reserved = await self._exposure(session, hold.api_key_id, hold.since,
+        spent, reserved = self._exposure(session, hold.api_key_id, hold.since,
                                                replacing=(prediction_id, 0) if seq else None)
         if spent + reserved + hold.amount_micro_usd > hold.budget_micro_usd:
             raise BudgetRefused(spent, reserved, hold.amount_micro_usd)
         if seq:  # the attempt's own hold replaces the one taken at admission
-            await session.execute(delete(Reservation).where(
+            session.execute(delete(Reservation).where(
                 col(Reservation.prediction_id) == prediction_id, col(Reservation.seq) == 0))
-        session.add(Reservation(prediction_id=prediction_id, seq=seq,
-                                api_key_id=hold.api_key_id,
-                                amount_micro_usd=hold.amount_micro_usd, created_at=utcnow()))
+        session.execute(insert(RESERVATIONS).values(
+            prediction_id=prediction_id, seq=seq, api_key_id=hold.api_key_id,
+            amount_micro_usd=hold.amount_micro_usd, created_at=utcnow()))
 
     @staticmethod
-    async def _exposure(session: AsyncSession, api_key_id: str, since: datetime,
+    def _exposure(session: Tx, api_key_id: str, since: datetime,
                         replacing: tuple[str, int] | None = None) -> tuple[int, int]:
         spent_q = select(func.coalesce(func.sum(col(Attempt.cost_micro_usd)), 0)).where(
             col(Attempt.api_key_id) == api_key_id, col(Attempt.created_at) >= since)
@@ -85,37 +85,37 @@ class BudgetMixin:
         if replacing is not None:
             held_q = held_q.where(~and_(col(Reservation.prediction_id) == replacing[0],
                                         col(Reservation.seq) == replacing[1]))
-        spent = int((await session.execute(spent_q)).scalar_one())
-        held = int((await session.execute(held_q)).scalar_one())
+        spent = int((session.execute(spent_q)).scalar_one())
+        held = int((session.execute(held_q)).scalar_one())
         return spent, held
 
     @staticmethod
-    async def _raise_hold(session: AsyncSession, prediction_id: str, seq: int,
+    def _raise_hold(session: Tx, prediction_id: str, seq: int,
                           amount: int) -> None:
-        await session.execute(update(Reservation).where(
+        session.execute(update(Reservation).where(
             col(Reservation.prediction_id) == prediction_id, col(Reservation.seq) == seq,
             col(Reservation.amount_micro_usd) < amount).values(amount_micro_usd=amount),
             execution_options={"synchronize_session": False})
 
     @staticmethod
-    async def _drop_hold(session: AsyncSession, prediction_id: str, seq: int) -> None:
-        await session.execute(delete(RESERVATIONS).where(
+    def _drop_hold(session: Tx, prediction_id: str, seq: int) -> None:
+        session.execute(delete(RESERVATIONS).where(
             RESERVATIONS.c.prediction_id == prediction_id, RESERVATIONS.c.seq == seq))
 
     @staticmethod
-    async def _drop_settled_holds(session: AsyncSession, prediction_id: str) -> None:
+    def _drop_settled_holds(session: Tx, prediction_id: str) -> None:
         """At the prediction's end: the admission hold and those of ended attempts
         (a hedge loser still running keeps its own until it settles)."""
         running = select(ATTEMPTS.c.seq).where(
             ATTEMPTS.c.prediction_id == prediction_id, ATTEMPTS.c.status.in_(_RUNNING))
-        await session.execute(delete(RESERVATIONS).where(
+        session.execute(delete(RESERVATIONS).where(
             RESERVATIONS.c.prediction_id == prediction_id,
             or_(RESERVATIONS.c.seq == 0, RESERVATIONS.c.seq.not_in(running))))
 
     async def exposure(self, api_key_id: str, since: datetime) -> tuple[int, int]:
         """(spent since `since`, held now) for one key."""
         async with self._sessions() as session:
-            return await self._exposure(session, api_key_id, since)
+            return await session.run_sync(self._exposure, api_key_id, since)
 
     async def release_stale_holds(self, finished_before: datetime) -> int:
         """Holds of predictions that ended before `finished_before` (a hedge loser

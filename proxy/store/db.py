@@ -11,8 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -93,8 +94,33 @@ def _sqlite_engine(url: URL, *, echo: bool) -> AsyncEngine:
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         **kwargs,
     )
-    sync_engine = engine.sync_engine
+    _sqlite_session_setup(engine.sync_engine, in_memory=in_memory)
+    return engine
 
+
+def is_sqlite_file(url: str) -> bool:
+    """A SQLite database on disk (not in memory, where each connection has its own)."""
+    parsed = make_url(normalize_url(url))
+    return parsed.get_backend_name() == "sqlite" and parsed.database not in (
+        None, "", ":memory:")
+
+
+def sqlite_writer_engine(url: str) -> Engine:
+    """A synchronous engine on the same SQLite file, for the store's writer thread
+    (group_commit.py): one connection, set up as the async engine's are."""
+    if not is_sqlite_file(url):
+        raise ValueError(f"not a SQLite file: {url}")
+    parsed = make_url(normalize_url(url))
+    engine = sa_create_engine(
+        parsed.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=1, max_overflow=0,
+    )
+    _sqlite_session_setup(engine, in_memory=False)
+    return engine
+
+
+def _sqlite_session_setup(sync_engine: Engine, *, in_memory: bool) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide where transactions
@@ -118,8 +144,6 @@ def _sqlite_engine(url: URL, *, echo: bool) -> AsyncEngine:
         # front (waiting up to busy_timeout) and never upgraded mid-transaction.
         # A connection can ask for "BEGIN IMMEDIATE" via execution options.
         conn.exec_driver_sql(conn.get_execution_options().get("flux_sqlite_begin", "BEGIN"))
-
-    return engine
 
 
 def _postgres_engine(url: URL, *, schema: str | None, echo: bool) -> AsyncEngine:

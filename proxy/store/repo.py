@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -20,15 +21,15 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy import insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlmodel import col
 
 from proxy.store import migrate
 from proxy.store._sql import checked_fields, prediction_end, rowcount
-from proxy.store._tables import ATTEMPTS, PREDICTIONS, row_values
+from proxy.store._tables import ATTEMPTS, PREDICTIONS, Tx, row_values
 from proxy.store.attempt_writes import AttemptWritesMixin
 from proxy.store.budget import BudgetMixin, Hold
-from proxy.store.db import create_engine
+from proxy.store.db import create_engine, is_sqlite_file, sqlite_writer_engine
 from proxy.store.group_commit import GroupCommit
 from proxy.store.keys import KeysMixin
 from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
@@ -73,8 +74,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         self._engine = create_engine(url, schema=schema, echo=echo)
         self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         self._pg = self._engine.dialect.name == "postgresql"
-        # Lifecycle writes without a budget hold share transactions (group_commit.py).
-        self.group = GroupCommit(self._sessions)
+        # Lifecycle writes without a budget hold share transactions (group_commit.py);
+        # on a SQLite file through a writer thread's own connection.
+        writer = functools.partial(sqlite_writer_engine, url) if is_sqlite_file(url) else None
+        self.group = GroupCommit(self._sessions, writer_engine=writer)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -124,10 +127,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
     async def create_prediction(self, p: Prediction, hold: Hold | None = None) -> Prediction:
         """Insert `p`; it is committed when this returns. With `hold`, the key's
         budget is reserved in the same transaction (BudgetRefused: nothing written)."""
-        async def op(session: AsyncSession) -> None:
+        def op(session: Tx) -> None:
             if hold is not None:
-                await self._hold(session, hold, p.id, 0)
-            await session.execute(insert(PREDICTIONS).values(row_values(p)))
+                self._hold(session, hold, p.id, 0)
+            session.execute(insert(PREDICTIONS).values(row_values(p)))
 
         await self._commit(op, alone=hold is not None)
         self._wrote("create_prediction")
@@ -140,14 +143,14 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         submit, with the admission hold (seq 0) and the attempt's own (seq 1)
         taken in it (BudgetRefused: nothing written). A crash after it resumes as
         one after `begin_attempt`: the attempt is closed outcome-unknown."""
-        async def op(session: AsyncSession) -> None:
+        def op(session: Tx) -> None:
             if hold is not None:
-                await self._hold(session, hold, p.id, 0)
-            await session.execute(insert(PREDICTIONS).values(row_values(p)))
+                self._hold(session, hold, p.id, 0)
+            session.execute(insert(PREDICTIONS).values(row_values(p)))
             if attempt_hold is not None:
-                await self._hold(session, attempt_hold, p.id, a.seq)
+                self._hold(session, attempt_hold, p.id, a.seq)
                 a.reserved_micro_usd = attempt_hold.amount_micro_usd
-            await self._insert_attempt(session, a)
+            self._insert_attempt(session, a)
 
         await self._commit(op, alone=hold is not None or attempt_hold is not None)
         self._wrote("create_with_attempt")
@@ -250,9 +253,9 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
             .where(col(Prediction.id) == prediction_id, col(Prediction.status).in_(ACTIVE_STATUSES))
             .values(**values)
         )
-        async def op(session: AsyncSession) -> int:
-            result = await session.execute(stmt, execution_options={"synchronize_session": False})
-            await self._drop_settled_holds(session, prediction_id)
+        def op(session: Tx) -> int:
+            result = session.execute(stmt, execution_options={"synchronize_session": False})
+            self._drop_settled_holds(session, prediction_id)
             return rowcount(result)
 
         ended = await self._commit(op)
@@ -270,15 +273,15 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         """
         a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
         p_values = prediction_end(prediction.pop("status"), prediction, "finish_with_attempt")
-        async def op(session: AsyncSession) -> int:
-            await session.execute(
+        def op(session: Tx) -> int:
+            session.execute(
                 update(ATTEMPTS).where(ATTEMPTS.c.id == attempt_id).values(**a_values))
-            result = await session.execute(
+            result = session.execute(
                 update(PREDICTIONS)
                 .where(PREDICTIONS.c.id == prediction_id,
                        PREDICTIONS.c.status.in_(ACTIVE_STATUSES))
                 .values(**p_values))
-            await self._drop_settled_holds(session, prediction_id)
+            self._drop_settled_holds(session, prediction_id)
             return rowcount(result)
 
         ended = await self._commit(op)
@@ -344,26 +347,26 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
 
     async def _write(self, stmt: Any) -> int:
         """Run one UPDATE (group-committed); rows matched."""
-        async def op(session: AsyncSession) -> int:
-            result = await session.execute(stmt, execution_options={"synchronize_session": False})
+        def op(session: Tx) -> int:
+            result = session.execute(stmt, execution_options={"synchronize_session": False})
             return rowcount(result)
 
         return await self._commit(op)
 
-    async def _commit(self, op: Callable[[AsyncSession], Any], *, alone: bool = False) -> Any:
+    async def _commit(self, op: Callable[[Tx], Any], *, alone: bool = False) -> Any:
         """Run a write: group-committed with others, or (`alone`: it takes a budget
         hold, which locks a key's row) in its own transaction, so two replicas'
         batches never lock keys in opposite orders."""
         if not alone:
             return await self.group.run(op)
         async with self._sessions() as session, session.begin():
-            return await op(session)
+            return await session.run_sync(op)
 
     @staticmethod
-    async def _insert_attempt(session: AsyncSession, a: Attempt) -> None:
+    def _insert_attempt(session: Tx, a: Attempt) -> None:
         values = row_values(a)
         if a.id is None:
             del values["id"]
-        result = await session.execute(insert(ATTEMPTS).values(values).returning(ATTEMPTS.c.id))
+        result = session.execute(insert(ATTEMPTS).values(values).returning(ATTEMPTS.c.id))
         a.id = result.scalar_one()
 
