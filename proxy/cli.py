@@ -65,10 +65,11 @@ def serve(host: str | None, port: int | None, workers: int | None,
     the header and body read timeouts (proxy/client_timeouts.py). With --workers N
     a supervisor migrates once, then runs and restarts N workers (proxy/serve.py)."""
     from proxy.serve import serve as run
-    from proxy.shared import parse_redis_url
 
     settings = _settings(host=host, port=port, workers=workers, log_level=log_level)
     if settings.redis_url is not None:
+        from proxy.shared import parse_redis_url  # redis only when it is configured
+
         try:
             parse_redis_url(settings.redis_url.get_secret_value())
         except ValueError as exc:

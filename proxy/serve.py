@@ -1,7 +1,9 @@
 """`flux-proxy serve`: one server process, or a supervisor of `workers` on one port.
 
-One worker (the default) is the process itself, as it always was. With N > 1
-the process becomes a small supervisor (as gunicorn's arbiter):
+One worker (the default) is the process itself, as it always was; it applies
+the migrations in a short-lived forked child first (`migrate_in_child`), so
+alembic is never held in the serving process's memory. With N > 1 the process
+becomes a small supervisor (as gunicorn's arbiter):
 
 1. it applies the migrations, once, before any worker starts;
 2. it binds the listening socket itself and hands it to N worker processes
@@ -65,7 +67,8 @@ def serve(settings: Settings) -> int:
 
 def run_server(settings: Settings, sock: socket.socket | None = None) -> None:
     """One server process: budgets, client timeouts, the app, uvicorn. Without
-    `sock` it binds the address and migrates the database itself."""
+    `sock` it binds the address and migrates the database itself (in a forked
+    child where it can: `migrate_in_child`)."""
     import uvicorn
 
     from common.media import budget
@@ -74,19 +77,83 @@ def run_server(settings: Settings, sock: socket.socket | None = None) -> None:
 
     budget.configure(download_bytes=settings.max_inflight_download_bytes,
                      decode_bytes=settings.max_inflight_decode_bytes)
-    app = create_app(settings, migrate=sock is None)
+    migrate_here = sock is None
+    if migrate_here:
+        migrated = migrate_in_child(settings)
+        if migrated is False:
+            sys.exit(3)  # as uvicorn's "startup failed" when the app migrated itself
+        migrate_here = migrated is None
+    app = create_app(settings, migrate=migrate_here)
     http = protocol_class(header_timeout_s=settings.client_header_timeout_s,
                           body_timeout_s=settings.client_body_timeout_s)
     if sock is None:
+        # ws="none": no route takes a WebSocket, and uvicorn then imports no
+        # websockets implementation (bench/RESULTS-speed.md "Idle RSS").
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                    access_log=False, proxy_headers=True, server_header=False, http=http)
+                    access_log=False, proxy_headers=True, server_header=False, http=http,
+                    ws="none")
         return
     config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=True,
-                            server_header=False, http=http)
+                            server_header=False, http=http, ws="none")
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     if not server.started:
         sys.exit(3)  # uvicorn's "startup failed"
+
+
+def migrate_database(settings: Settings) -> bool:
+    """Apply the migrations (`Store.upgrade`); False, logged as `serve.migrate_failed`,
+    when the database cannot be reached or migrated."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from common.logging import get_logger
+    from proxy.store.repo import Store
+
+    async def upgrade() -> None:
+        store = Store(settings.database_url)
+        try:
+            await store.upgrade()
+        finally:
+            await store.dispose()
+
+    try:
+        asyncio.run(upgrade())
+    except (OSError, SQLAlchemyError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        get_logger("flux_proxy.serve").error("serve.migrate_failed", error=reason)
+        return False
+    return True
+
+
+def _migrate_child(settings: Settings) -> None:
+    from common.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    sys.exit(0 if migrate_database(settings) else 1)
+
+
+def migrate_in_child(settings: Settings) -> bool | None:
+    """Migrate in a forked child, so that alembic (about 9 MiB of modules, needed
+    once) never lives in the serving process: whether it succeeded, or None where
+    this process cannot fork safely (no fork, threads running, or an in-memory
+    SQLite database, which only this process can see) and the app migrates itself.
+    The child shares what this process has imported (copy on write), so it costs
+    little more time than migrating here."""
+    from sqlalchemy.engine import make_url
+
+    from proxy.store.db import normalize_url
+
+    url = make_url(normalize_url(settings.database_url))
+    in_memory = url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory")
+    if (in_memory or "fork" not in multiprocessing.get_all_start_methods()
+            or threading.active_count() > 1):
+        return None
+    child = multiprocessing.get_context("fork").Process(
+        target=_migrate_child, args=(settings,), name="flux-proxy-migrate")
+    child.start()
+    child.join()
+    return child.exitcode == 0
 
 
 def worker_instance_id(settings: Settings, index: int, port: int | None = None) -> str:
@@ -197,24 +264,7 @@ class Supervisor:
 
     def _migrate(self) -> bool:
         """Migrations once, here, before any worker starts (they do not migrate)."""
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from proxy.store.repo import Store
-
-        async def upgrade() -> None:
-            store = Store(self.settings.database_url)
-            try:
-                await store.upgrade()
-            finally:
-                await store.dispose()
-
-        try:
-            asyncio.run(upgrade())
-        except (OSError, SQLAlchemyError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            self.log.error("serve.migrate_failed", error=reason)
-            return False
-        return True
+        return migrate_database(self.settings)
 
     def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
         self._signals.append(sig)

@@ -9,10 +9,15 @@ from __future__ import annotations
 import binascii
 import io
 from dataclasses import dataclass
-
-from PIL import GifImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from typing import TYPE_CHECKING
 
 from ._errors import MediaError, TooLarge
+
+if TYPE_CHECKING:
+    from PIL import ImageFile
+
+# Pillow is imported on first use (the first request that carries an image), not at
+# start-up: a serving process that never sees one does not hold it in memory.
 
 MIME_TYPES: dict[str, str] = {
     "jpeg": "image/jpeg",
@@ -23,14 +28,22 @@ MIME_TYPES: dict[str, str] = {
 _PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
 _LABELS = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF"}
 FORMAT_LABELS = _LABELS  # "jpeg" -> "JPEG", for messages
-# Opening a format's class directly reads the header (size) without Image.open's
-# process-wide decompression-bomb check.
-_HEADER_READERS: dict[str, type[ImageFile.ImageFile]] = {
-    "jpeg": JpegImagePlugin.JpegImageFile,
-    "png": PngImagePlugin.PngImageFile,
-    "webp": WebPImagePlugin.WebPImageFile,
-    "gif": GifImagePlugin.GifImageFile,
-}
+
+
+def _header_reader(fmt: str) -> type[ImageFile.ImageFile]:
+    """The format's own image class: opening it directly reads the header (size)
+    without Image.open's process-wide decompression-bomb check."""
+    from PIL import GifImagePlugin, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+    readers: dict[str, type[ImageFile.ImageFile]] = {
+        "jpeg": JpegImagePlugin.JpegImageFile,
+        "png": PngImagePlugin.PngImageFile,
+        "webp": WebPImagePlugin.WebPImageFile,
+        "gif": GifImagePlugin.GifImageFile,
+    }
+    return readers[fmt]
+
+
 _ALIASES = {"jpg": "jpeg", "pjpeg": "jpeg", "x-png": "png"}
 NOT_AN_IMAGE = "not a JPEG/PNG/GIF/WebP image"
 
@@ -110,7 +123,7 @@ def read_header(data: bytes, *, max_pixels: int = 50_000_000,
         # The format's own class: no pixels, and not yet Pillow's process-wide
         # MAX_IMAGE_PIXELS check (which Image.open runs), so our limits decide and
         # the 422 can say the real dimensions.
-        with _HEADER_READERS[fmt](io.BytesIO(data)) as im:
+        with _header_reader(fmt)(io.BytesIO(data)) as im:
             width, height = im.size
     except Exception as exc:  # any parser failure on untrusted input is a refusal
         raise MediaError(
@@ -133,6 +146,8 @@ def inspect_image(data: bytes, *, max_pixels: int = 50_000_000, max_side: int = 
     CPU-bound: call it through ``asyncio.to_thread`` from async code for large
     inputs (``fetch_image`` does).
     """
+    from PIL import Image
+
     # Pass 0: the header alone (read_header), our limits before Pillow's.
     fmt, width, height = read_header(data, max_pixels=max_pixels, max_side=max_side)
     pil_formats = [_PIL_FORMATS[fmt]]

@@ -26,14 +26,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from common.logging import get_logger
-from proxy.shared import RedisError, SharedRedis
 from proxy.store.repo import Store
+
+if TYPE_CHECKING:  # redis is imported only where redis_url is set (RedisRateLimiter)
+    from proxy.shared import SharedRedis
 
 log = get_logger("flux_proxy.ratelimit")
 
@@ -131,6 +133,8 @@ class RedisRateLimiter:
         self._fallback = _Fallback("redis")
 
     async def take(self, key_id: str, rate: float, burst: float) -> float | None:
+        from proxy.shared import RedisError
+
         interval, tolerance = gcra_params(rate, burst)
         try:
             wait_us = int(await self._script(keys=[self._shared.key("rate", key_id)],

@@ -8,14 +8,16 @@ that works from any working directory.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.store.db import normalize_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 # pg_advisory_xact_lock key: replicas starting together migrate one at a time.
@@ -24,6 +26,8 @@ _MIGRATION_LOCK_KEY = 0x666C_7578_6D69  # "fluxmi"
 
 def alembic_config(url: str | None = None, *, schema: str | None = None) -> Config:
     """An in-memory alembic Config pointing at the packaged migrations."""
+    from alembic.config import Config  # alembic only where migrations run: not in serving memory
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     if url is not None:
@@ -53,6 +57,8 @@ async def upgrade(
 
 
 def _upgrade_sync(connection: Connection, schema: str | None, revision: str) -> None:
+    from alembic import command
+
     cfg = alembic_config(schema=schema)
     cfg.attributes["connection"] = connection
     command.upgrade(cfg, revision)
