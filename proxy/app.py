@@ -5,24 +5,23 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from litestar import Litestar
 from litestar.config.compression import CompressionConfig
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig
 
 from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
-from proxy import metrics
 from proxy.accounts.auth import Auth
 from proxy.accounts.ratelimit import limiter_for
 from proxy.api.admin import AdminKeysController
 from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
+from proxy.api.middleware import HttpMetrics, SmallBodyCompression
 from proxy.api.predictions import PredictionController
 from proxy.api.spend import spend
 from proxy.api.system import healthz, list_models, metrics_page, readyz
@@ -30,9 +29,11 @@ from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
 from proxy.routing import Router
 from proxy.routing.instrumented import InstrumentedProvider
-from proxy.routing.sharing import HealthSync
-from proxy.shared import open_shared
 from proxy.store.repo import Store
+
+if TYPE_CHECKING:
+    from proxy.routing.sharing import HealthSync
+    from proxy.shared import SharedRedis
 
 log = get_logger("flux_proxy.app")
 
@@ -62,6 +63,18 @@ def build_providers(
     return providers, disabled
 
 
+def _open_shared(url: str) -> SharedRedis:
+    from proxy.shared import open_shared
+
+    return open_shared(url)
+
+
+def _health_sync(router: Router, shared: SharedRedis, instance_id: str) -> HealthSync:
+    from proxy.routing.sharing import HealthSync
+
+    return HealthSync(router.health, shared, instance_id)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -88,8 +101,9 @@ def create_app(
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()
-        # Shared by every process and replica (README "Several processes").
-        shared = open_shared(settings.redis_url.get_secret_value()) if settings.redis_url \
+        # Shared by every process and replica (README "Several processes"); redis is
+        # imported only when it is configured.
+        shared = _open_shared(settings.redis_url.get_secret_value()) if settings.redis_url \
             else None
         if shared is not None and not await shared.ping():
             log.warning("redis.unreachable", redis=shared.safe_url,
@@ -102,7 +116,7 @@ def create_app(
             limiter=limiter_for(shared=shared, store=store, workers=settings.workers),
         )
         await app.state.auth.secret()
-        health_sync = HealthSync(router.health, shared, instance_id) if shared else None
+        health_sync = _health_sync(router, shared, instance_id) if shared else None
         if health_sync is not None:
             await health_sync.start()
         await service.start()
@@ -128,10 +142,6 @@ def create_app(
             await store.dispose()
             log.info("proxy.stopped", instance_id=instance_id)
 
-    # Sync-mode calls last up to sync_timeout_s: the default buckets stop at 10 s.
-    prometheus = PrometheusConfig(app_name="flux_proxy", prefix="flux_proxy_http",
-                                  group_path=True, exclude=["/metrics"],
-                                  buckets=list(metrics.LATENCY_BUCKETS))
     handlers: dict[Any, Any] = {
         HTTPException: http_exception_handler,
         Exception: internal_error_handler,
@@ -140,12 +150,14 @@ def create_app(
         route_handlers=[PredictionController, list_models, spend, AdminKeysController,
                         healthz, readyz, metrics_page],
         lifespan=[lifespan],
-        middleware=[prometheus.middleware],
+        # flux_proxy_http_* per route (not /metrics); its buckets go past sync_timeout_s.
+        middleware=[HttpMetrics],
         exception_handlers=handlers,
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="flux-proxy", version="0.1.0", path="/schema"),
-        compression_config=CompressionConfig(backend="gzip", minimum_size=4096),
+        compression_config=CompressionConfig(backend="gzip", minimum_size=4096,
+                                             middleware_class=SmallBodyCompression),
         debug=False,
         logging_config=None,  # ours (common/logging.py) renders every line, library ones too
     )

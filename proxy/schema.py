@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import re
 from datetime import datetime
-from decimal import Decimal
 from typing import Any, Literal
 
 import msgspec
@@ -232,7 +231,8 @@ def field_errors(exc: ValidationError) -> list[FieldError]:
 
 def usd(micro: int) -> str:
     """Exact decimal string of a micro-USD amount: 12000 -> '0.012000'."""
-    return str((Decimal(micro) / Decimal(1_000_000)).quantize(Decimal("0.000001")))
+    whole, frac = divmod(abs(micro), 1_000_000)  # integers: no Decimal context per call
+    return f"{'-' if micro < 0 else ''}{whole}.{frac:06d}"
 
 
 class Urls(msgspec.Struct):

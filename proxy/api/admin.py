@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from proxy.accounts.auth import require_admin
 from proxy.accounts.keyspec import KeySpec, key_view
-from proxy.api.deps import AuthDep
+from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response
 from proxy.schema import field_errors
 from proxy.store.keys import DuplicateKeyName
@@ -22,7 +22,8 @@ class AdminKeysController(Controller):
     guards = [require_admin]
 
     @post("", status_code=201, summary="Create a client key (the key is shown once)")
-    async def create(self, request: Request[Any, Any, Any], auth: AuthDep) -> Response[Any]:
+    async def create(self, request: Request[Any, Any, Any], api: ApiDep) -> Response[Any]:
+        auth = api.auth
         try:
             spec = KeySpec.model_validate_json(await request.body())
         except ValidationError as exc:
@@ -36,11 +37,12 @@ class AdminKeysController(Controller):
         return Response({**key_view(row), "key": key}, status_code=201)
 
     @get("", summary="List client keys")
-    async def list_keys(self, auth: AuthDep) -> dict[str, Any]:
-        return {"data": [key_view(k) for k in await auth.store.list_keys()]}
+    async def list_keys(self, api: ApiDep) -> dict[str, Any]:
+        return {"data": [key_view(k) for k in await api.auth.store.list_keys()]}
 
     @post("/{key:str}/revoke", status_code=200, summary="Revoke a key (by id or name)")
-    async def revoke(self, key: FromPath[str], auth: AuthDep) -> Response[Any]:
+    async def revoke(self, key: FromPath[str], api: ApiDep) -> Response[Any]:
+        auth = api.auth
         row = await auth.store.find_key(key)
         if row is None:
             return error_response(404, f"no key {key}")

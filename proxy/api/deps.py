@@ -1,49 +1,68 @@
-"""Dependencies the handlers declare by name (Litestar DI): the service, the key
-checker, the settings and the configured providers, built once by the app's
-lifespan. Handlers never read `app.state` themselves."""
+"""The one dependency the handlers declare (Litestar DI): ``api``, the service, the
+key checker, the settings, the configured providers and the request-image checker,
+built once by the app's lifespan. Handlers never read `app.state` themselves.
+
+One dependency, not one per object: Litestar resolves the dependencies of a handler
+that has several concurrently, in an anyio task group (a task per dependency, per
+request), which was a fifth of the CPU of POST /v1/predictions (bench/serving.py).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency, Provide
 
 from proxy.accounts.auth import Auth
+from proxy.api.inputs import DEFAULT_CHECKER, RequestImageChecker
 from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
 
 
-def provide_service(state: State) -> PredictionService:
-    service: PredictionService = state.service
-    return service
+class Api:
+    """What a handler may use; each attribute is read from the app's state when used."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+
+    @property
+    def service(self) -> PredictionService:
+        service: PredictionService = self._state.service
+        return service
+
+    @property
+    def auth(self) -> Auth:
+        auth: Auth = self._state.auth
+        return auth
+
+    @property
+    def settings(self) -> Settings:
+        settings: Settings = self._state.settings
+        return settings
+
+    @property
+    def provider_settings(self) -> dict[str, Any]:
+        """Every configured provider, enabled or not: name -> (kind, settings)."""
+        configured: dict[str, Any] = self._state.provider_settings
+        return configured
+
+    @property
+    def image_checker(self) -> RequestImageChecker:
+        """The app's checker (``app.state.image_checker``), else the strict default."""
+        checker: Any = self._state.get("image_checker")
+        return checker if isinstance(checker, RequestImageChecker) else DEFAULT_CHECKER
 
 
-def provide_auth(state: State) -> Auth:
-    auth: Auth = state.auth
-    return auth
+def provide_api(request: Request[Any, Any, Any]) -> Api:
+    # Not `state: State`: Litestar would build a State from the app's dict per request.
+    return Api(request.app.state)
 
 
-def provide_settings(state: State) -> Settings:
-    settings: Settings = state.settings
-    return settings
+DEPENDENCIES: dict[str, Provide] = {"api": Provide(provide_api, sync_to_thread=False)}
 
-
-def provide_provider_settings(state: State) -> dict[str, Any]:
-    """Every configured provider, enabled or not: name -> (kind, settings)."""
-    configured: dict[str, Any] = state.provider_settings
-    return configured
-
-
-DEPENDENCIES: dict[str, Provide] = {
-    "service": Provide(provide_service, sync_to_thread=False),
-    "auth": Provide(provide_auth, sync_to_thread=False),
-    "settings": Provide(provide_settings, sync_to_thread=False),
-    "provider_settings": Provide(provide_provider_settings, sync_to_thread=False),
-}
-
-# What a handler writes to receive one of them (explicitly named, as Litestar 3 wants).
-ServiceDep = NamedDependency[PredictionService]
-AuthDep = NamedDependency[Auth]
-SettingsDep = NamedDependency[Settings]
-ProvidersDep = NamedDependency[dict[str, Any]]
+# What a handler writes to receive it (explicitly named, as Litestar 3 wants).
+ApiDep = NamedDependency[Api]

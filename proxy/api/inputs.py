@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
-from litestar.datastructures import State
-from litestar.di import NamedDependency
 from litestar.exceptions import ServiceUnavailableException
 
 from common import media
@@ -134,12 +131,3 @@ class RequestImageChecker:
 
 
 DEFAULT_CHECKER = RequestImageChecker()
-
-
-def provide_image_checker(state: State) -> RequestImageChecker:
-    """The app's checker (``app.state.image_checker``), else the strict default."""
-    checker: Any = state.get("image_checker")
-    return checker if isinstance(checker, RequestImageChecker) else DEFAULT_CHECKER
-
-
-ImageCheckerDep = NamedDependency[RequestImageChecker]

@@ -6,7 +6,6 @@ import math
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
-from litestar.di import Provide
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
 from litestar.params import FromPath, FromQuery, QueryParameter
@@ -14,10 +13,10 @@ from pydantic import ValidationError
 
 from proxy.accounts.auth import principal_of, require_key
 from proxy.accounts.budgets import BudgetExceeded
-from proxy.api.deps import AuthDep, ProvidersDep, ServiceDep, SettingsDep
+from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response
-from proxy.api.inputs import ImageCheckerDep, provide_image_checker
 from proxy.api.render import prediction_view
+from proxy.config import Settings
 from proxy.lifecycle.service import Conflict, NoProvider, NotFound, Unavailable
 from proxy.schema import (
     ErrorResponse,
@@ -50,8 +49,23 @@ class _CreateOperation(Operation):
         return out
 
 
-def _base_url(request: Request[Any, Any, Any], settings: SettingsDep) -> str:
-    return settings.public_base_url or str(request.base_url)
+_BASE_URLS: dict[tuple[Any, ...], str] = {}  # what str(request.base_url) gave, per origin
+
+
+def _base_url(request: Request[Any, Any, Any], settings: Settings) -> str:
+    if settings.public_base_url:
+        return settings.public_base_url
+    # request.base_url builds a URL from a copy of the scope; the answer depends only on these.
+    scope = request.scope
+    key = (scope.get("scheme"), scope.get("server"), request.headers.get("host"),
+           scope.get("app_root_path") or scope.get("root_path", ""))
+    base = _BASE_URLS.get(key)
+    if base is None:
+        base = str(request.base_url)
+        if len(_BASE_URLS) >= 256:  # the Host header is the client's: keep it bounded
+            _BASE_URLS.clear()
+        _BASE_URLS[key] = base
+    return base
 
 
 def parse_generate(
@@ -97,27 +111,25 @@ class PredictionController(Controller):
                               description="accepted (or still running after sync_timeout_s)"),
             **_errors(400, 401, 402, 413, 422, 429, 503),
         },
-        dependencies={"image_checker": Provide(provide_image_checker, sync_to_thread=False)},
         summary="Create a prediction",
         description="202 with the queued prediction; with enable_sync_mode, 200 with the "
         "terminal result (or 202 with the running prediction after sync_timeout_s).",
     )
-    async def create(
-        self, request: Request[Any, Any, Any], service: ServiceDep, auth: AuthDep,
-        settings: SettingsDep, provider_settings: ProvidersDep, image_checker: ImageCheckerDep,
-    ) -> Response[Any]:
-        parsed = parse_generate(await request.body(), settings.models, list(provider_settings))
+    async def create(self, request: Request[Any, Any, Any], api: ApiDep) -> Response[Any]:
+        settings, service = api.settings, api.service
+        parsed = parse_generate(await request.body(), settings.models,
+                                list(api.provider_settings))
         if isinstance(parsed, Response):
             return parsed
         principal = principal_of(request)
         if principal.key is not None:
-            wait = await auth.rate_limit(principal.key)
+            wait = await api.auth.rate_limit(principal.key)
             if wait is not None:
                 return error_response(
                     429, f"rate limit of key {principal.key.name!r} exceeded",
                     headers={"Retry-After": str(max(1, math.ceil(wait)))})
         # Request images: decoded / address-checked before anything is written or sent.
-        bad_images = await image_checker.check(parsed)
+        bad_images = await api.image_checker.check(parsed)
         if bad_images:
             return error_response(422, "request validation failed", details=bad_images)
         try:
@@ -145,8 +157,7 @@ class PredictionController(Controller):
     async def list_predictions(
         self,
         request: Request[Any, Any, Any],
-        service: ServiceDep,
-        settings: SettingsDep,
+        api: ApiDep,
         status: FromQuery[str | None] = None,
         cursor: FromQuery[str | None] = None,
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
@@ -155,7 +166,7 @@ class PredictionController(Controller):
             return error_response(422, "invalid query parameter", details=[
                 FieldError(field="status", reason="unknown status", value=status,
                            allowed=", ".join(PREDICTION_STATUSES))])
-        store = service.store
+        store = api.service.store
         try:
             principal = principal_of(request)
             preds, next_cursor = await store.list_predictions(
@@ -166,33 +177,31 @@ class PredictionController(Controller):
             return error_response(422, "invalid query parameter", details=[
                 FieldError(field="cursor", reason="not a cursor from this API", value=cursor)])
         attempts = await store.attempts_for([p.id for p in preds])
-        base = _base_url(request, settings)
+        base = _base_url(request, api.settings)
         data = [prediction_view(p, attempts.get(p.id, []), base) for p in preds]
         return Response(PredictionList(data=data, next_cursor=next_cursor))
 
     @get("/{prediction_id:str}", summary="Get a prediction",
          responses={**_ONE, **_errors(401, 404)})
     async def get_prediction(
-        self, request: Request[Any, Any, Any], prediction_id: FromPath[str],
-        service: ServiceDep, settings: SettingsDep,
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str], api: ApiDep,
     ) -> Response[Any]:
         try:
-            pred, attempts = await service.get(prediction_id, principal_of(request))
+            pred, attempts = await api.service.get(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
-        return Response(prediction_view(pred, attempts, _base_url(request, settings)))
+        return Response(prediction_view(pred, attempts, _base_url(request, api.settings)))
 
     @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction",
           responses={**_ONE, **_errors(401, 404, 409)})
     async def cancel(
-        self, request: Request[Any, Any, Any], prediction_id: FromPath[str],
-        service: ServiceDep, settings: SettingsDep,
+        self, request: Request[Any, Any, Any], prediction_id: FromPath[str], api: ApiDep,
     ) -> Response[Any]:
         try:
-            pred, attempts = await service.cancel(prediction_id, principal_of(request))
+            pred, attempts = await api.service.cancel(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
         except Conflict as exc:
             return error_response(409, str(exc))
-        return Response(prediction_view(pred, attempts, _base_url(request, settings)))
+        return Response(prediction_view(pred, attempts, _base_url(request, api.settings)))
 

@@ -9,7 +9,7 @@ from litestar.params import FromQuery, QueryParameter
 
 from proxy.accounts.auth import principal_of, require_key
 from proxy.accounts.spend_report import build_report, parse_bound
-from proxy.api.deps import ServiceDep
+from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response
 from proxy.schema import FieldError
 
@@ -22,7 +22,7 @@ GROUPS = ("key", "provider", "model", "day")
      "`format=csv` (or Accept: text/csv) for CSV.")
 async def spend(
     request: Request[Any, Any, Any],
-    service: ServiceDep,
+    api: ApiDep,
     group_by: FromQuery[str] = "provider",
     from_: Annotated[str | None, QueryParameter(name="from")] = None,
     to: FromQuery[str | None] = None,
@@ -40,7 +40,7 @@ async def spend(
         return error_response(422, "invalid query parameter", details=[
             FieldError(field=field, reason=reason, allowed="ISO date or datetime")])
     principal = principal_of(request)
-    report = await build_report(service.store, group_by,  # type: ignore[arg-type]
+    report = await build_report(api.service.store, group_by,  # type: ignore[arg-type]
                                 since=since, until=until,
                                 api_key_id=None if principal.sees_all else principal.key_id)
     wants_csv = format == "csv" or (

@@ -8,14 +8,14 @@ from litestar import Response, get
 
 from proxy import metrics
 from proxy.accounts.auth import require_key
-from proxy.api.deps import ProvidersDep, ServiceDep, SettingsDep
+from proxy.api.deps import ApiDep
 
 
 @get("/v1/models", tags=["models"], summary="Models, providers and their capabilities",
      guards=[require_key])
-async def list_models(service: ServiceDep, settings: SettingsDep,
-                      provider_settings: ProvidersDep) -> dict[str, Any]:
-    router = service.router
+async def list_models(api: ApiDep) -> dict[str, Any]:
+    router, settings = api.service.router, api.settings
+    provider_settings = api.provider_settings
     providers = []
     health = router.snapshot()
     for name, (kind, _settings) in provider_settings.items():
@@ -55,7 +55,8 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", tags=["system"], summary="Readiness: database reachable, a provider enabled")
-async def readyz(service: ServiceDep) -> Response[dict[str, Any]]:
+async def readyz(api: ApiDep) -> Response[dict[str, Any]]:
+    service = api.service
     db_ok = await service.store.ping()
     enabled = service.router.enabled
     ready = db_ok and bool(enabled)
