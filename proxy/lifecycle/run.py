@@ -13,8 +13,79 @@ from proxy.store.budget import Hold
 from proxy.store.models import ApiKey, Attempt, Prediction
 
 
-class CancelSignal(asyncio.Event):
+def _wake(fut: asyncio.Future[bool]) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
+class Signal:
+    """A one-shot flag, like asyncio.Event (is_set, set, clear, wait) but with no
+    deque until someone waits, and `sleep`: a wait bounded by a timer (one future
+    and one timer handle, where `wait_for(event.wait())` makes a Task, a coroutine
+    and a timeout context per sleep). One is held per prediction in flight."""
+
+    __slots__ = ("_flag", "_waiters")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiters: list[asyncio.Future[bool]] | None = None
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        if self._flag:
+            return
+        self._flag = True
+        waiters, self._waiters = self._waiters, None
+        for fut in waiters or ():
+            if not fut.done():
+                fut.set_result(True)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    async def wait(self) -> bool:
+        if self._flag:
+            return True
+        fut = self._waiter()
+        try:
+            return await fut
+        finally:
+            self._forget(fut)
+
+    async def sleep(self, seconds: float) -> bool:
+        """Wait `seconds`, or less when the flag is set: True when it was."""
+        if self._flag:
+            return True
+        fut = self._waiter()
+        handle = fut.get_loop().call_later(seconds, _wake, fut)
+        try:
+            return await fut
+        finally:
+            handle.cancel()
+            self._forget(fut)
+
+    def _waiter(self) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [fut]
+        else:
+            self._waiters.append(fut)
+        return fut
+
+    def _forget(self, fut: asyncio.Future[bool]) -> None:
+        waiters = self._waiters
+        if waiters is not None and fut in waiters:
+            waiters.remove(fut)
+            if not waiters:
+                self._waiters = None
+
+
+class CancelSignal(Signal):
     """Stops one attempt; `reason` goes on its row."""
+
+    __slots__ = ("reason",)
 
     def __init__(self, reason: str = "canceled by client") -> None:
         super().__init__()
@@ -32,7 +103,7 @@ class Run:
 
     pred: Prediction
     attempts: list[Attempt]
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: Signal = field(default_factory=Signal)
     cancel: CancelSignal = field(default_factory=CancelSignal)
     task: asyncio.Task[None] | None = None
     key: ApiKey | None = None  # the client key that asked (None: admin or auth off)
@@ -42,6 +113,9 @@ class Run:
     closed: bool = False  # the prediction's end was written: write attempts at once
     # Admitted at submit, its attempt row written with the prediction's (one
     # transaction): the runner submits to it first instead of routing again.
+    # A budget hold may exist for it (one was taken here, or it was adopted): its end
+    # looks for holds to drop. False spares a statement per write.
+    holds: bool = False
     admitted: Admitted | None = None
     admitted_hold: Hold | None = None
 

@@ -240,11 +240,8 @@ class Runner:
 
     @staticmethod
     async def _sleep(run: Run, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(run.cancel.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        raise Canceled
+        if await run.cancel.sleep(seconds):
+            raise Canceled
 
     # ------------------------------------------------------------------ the end
 
@@ -257,12 +254,13 @@ class Runner:
         first = winner.id if winner is not None and winner.id in pending else next(
             iter(pending), None)
         if first is None:
-            return await self.store.finish_prediction(run.pred.id, **fields)
+            return await self.store.finish_prediction(run.pred.id, holds=run.holds, **fields)
         ended = await self.store.finish_with_attempt(run.pred.id, first, pending.pop(first),
+                                                     holds=run.holds,
                                                      **fields)
         by_id = {a.id: a for a in run.attempts}
         for attempt_id, attempt_fields in pending.items():
-            await self.store.end_attempt(by_id[attempt_id], **attempt_fields)
+            await self.store.end_attempt(by_id[attempt_id], holds=run.holds, **attempt_fields)
         return ended
 
     async def _finish(self, run: Run, status: str, outcome: Outcome | None) -> None:
