@@ -27,7 +27,7 @@ from providers.base import (
 from proxy import metrics
 from proxy.accounts.budgets import BudgetExceeded, Budgets
 from proxy.lifecycle import outputs
-from proxy.lifecycle.polling import Canceled, wait_terminal
+from proxy.lifecycle.polling import Canceled, PollTrace, wait_terminal
 from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
 from proxy.routing import Router
 from proxy.routing.admission import Admitted
@@ -63,6 +63,7 @@ class Attempts:
                           created_at=self.clock.now())
         run.attempts.append(attempt)  # seq is taken before any await: hedges never clash
         hold = self.budgets.hold(run.key, self.router.expected_cost(provider, gen))
+        run.holds = run.holds or hold is not None
         refusal: BudgetExceeded | None = None
         try:
             try:
@@ -143,12 +144,11 @@ class Attempts:
         attempt.status, attempt.quoted_micro_usd = "processing", quoted
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)
-        if job.ready_after_s is None:  # no estimate from the upstream: learn one
+        if job.ready_after_s is None:  # no estimate from the upstream: a learned one
             learned = self.router.ready_after(provider.name)
             if learned is not None:
-                spent = (self.clock.now() - attempt.created_at).total_seconds()
-                job = dataclasses.replace(job, ready_after_s=max(0.0, learned - spent))
-        return await self.follow(run, provider, attempt, gen, job, cancel)
+                job = dataclasses.replace(job, ready_after_s=learned)
+        return await self.follow(run, provider, attempt, gen, job, cancel, learn=True)
 
     async def follow(
         self,
@@ -161,6 +161,7 @@ class Attempts:
         extra: dict[str, Any] | None = None,
         *,
         read_back: bool = False,
+        learn: bool = False,
     ) -> Outcome:
         """Wait for an accepted job to end, then record it. `read_back`: the row
         already says completed (a crash came before the prediction's end was
@@ -171,9 +172,10 @@ class Attempts:
         name = provider.name
         until = min(attempt.created_at + timedelta(seconds=provider.settings.deadline_s),
                     self.deadline_of(run))
+        trace = PollTrace() if learn else None
         try:
             if not job.status.terminal:
-                job = await wait_terminal(provider, job, until, cancel, self.clock)
+                job = await wait_terminal(provider, job, until, cancel, self.clock, trace)
         except Canceled:
             await self._cancel_upstream(provider, job)
             await self.end(run, attempt, provider, "canceled", error=cancel.reason,
@@ -192,6 +194,9 @@ class Attempts:
             return Outcome(False, provider=name, error=exc.message, kind=exc.kind)
 
         cost = provider.attempt_cost_micro_usd(gen, job)
+        if trace is not None and job.status is JobStatus.COMPLETED:
+            self.router.learn_ready(name, running_at_s=trace.running_at_s,
+                                    done_at_first_poll_s=trace.done_at_first_poll_s)
         if job.status is JobStatus.COMPLETED:
             try:
                 outs, flags = await outputs.normalize(provider, gen, job)
@@ -265,7 +270,7 @@ class Attempts:
         if status == "completed" and not run.closed:
             run.pending[attempt.id] = fields  # written with the prediction's end
         else:
-            await self.store.end_attempt(attempt, **fields)
+            await self.store.end_attempt(attempt, holds=run.holds, **fields)
         metrics.ATTEMPTS.labels(attempt.provider, kind.value if kind else status).inc()
         if cost:
             metrics.COST_MICRO_USD.labels(attempt.provider, run.pred.model).inc(cost)

@@ -229,7 +229,7 @@ class PredictionService:
         # Failover may land on any candidate: hold the dearest one's price.
         expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
         hold = self.budgets.hold(key, expected)
-        run = Run(pred=pred, attempts=[], key=key)
+        run = Run(pred=pred, attempts=[], key=key, holds=hold is not None)
         # A provider free to take it now: the first attempt's row goes in the same
         # transaction as the prediction's, so the sync path writes twice in all.
         admitted = self.runner.acquire(plan.providers)
@@ -325,7 +325,8 @@ class PredictionService:
             return
         pred = found[0]
         key = await self.store.find_key(pred.api_key_id) if pred.api_key_id else None
-        self._spawn(Run(pred=pred, attempts=found[1], key=key))
+        # Resumed: holds may exist from before (its ends look for them).
+        self._spawn(Run(pred=pred, attempts=found[1], key=key, holds=True))
 
 
 def _orphaned(pred: Prediction) -> bool:

@@ -54,6 +54,8 @@ class ProviderHealth:
         # Told (provider, "open" | "rate_limited", seconds) when this process opens the
         # breaker or gets a 429 (routing/sharing.py shares it); None: nobody listens.
         self.share: Callable[[str, str, float], None] | None = None
+        self._gauge = metrics.BREAKER_STATE.labels(name)
+        self._published: float | None = None
         self._publish()
 
     def rate_limited_for(self) -> float:
@@ -125,4 +127,6 @@ class ProviderHealth:
 
     def _publish(self) -> None:
         state: BreakerState = self.breaker.state
-        metrics.BREAKER_STATE.labels(self.name).set(state.gauge)
+        if state.gauge != self._published:  # every attempt calls this: set on change only
+            self._published = state.gauge
+            self._gauge.set(state.gauge)

@@ -20,12 +20,10 @@ from providers.base import ErrorKind, GenerationRequest, Provider
 from proxy.routing.admission import Admitted
 from proxy.routing.breaker import BreakerSettings
 from proxy.routing.health import ProviderHealth
+from proxy.routing.ready import ReadyEstimate
 
 Strategy = Literal["priority", "cheapest", "fastest", "weighted"]
 
-
-# Completed attempts a provider needs before their durations set the first poll.
-READY_MIN_SAMPLES = 20
 
 class RouteSettings(BaseModel):
     """How one model's requests are routed."""
@@ -95,6 +93,7 @@ class Router:
         self.order = [name for name in routing.order if name in providers]
         self._rng = rng or random.Random()
         self._quoted: dict[str, int] = {}  # provider -> micro-USD per image it last quoted
+        self._ready: dict[str, ReadyEstimate] = {}
         self.health = {
             name: ProviderHealth(name, routing.breaker, ewma_alpha=routing.ewma_alpha,
                                  default_retry_after_s=routing.default_retry_after_s,
@@ -206,10 +205,15 @@ class Router:
                                      retry_after_s=retry_after_s)
 
     def ready_after(self, name: str) -> float | None:
-        """No poll is worth making before this many seconds after a submit: the 10th
-        percentile of the provider's recent completed attempts (None: too few yet)."""
-        health = self.health.get(name)
-        return health.latency_percentile(10, READY_MIN_SAMPLES) if health else None
+        """No poll is worth making before this many seconds after a submit on `name`
+        (ready.py; None: too few jobs seen yet)."""
+        return self._ready[name].value() if name in self._ready else None
+
+    def learn_ready(self, name: str, *, running_at_s: float | None,
+                    done_at_first_poll_s: float | None) -> None:
+        """What the polls of one job on `name` saw (ready.py)."""
+        self._ready.setdefault(name, ReadyEstimate()).observe(
+            running_at_s=running_at_s, done_at_first_poll_s=done_at_first_poll_s)
 
     def hedge_delay(self, model: str, name: str) -> float | None:
         """Seconds after which to hedge an attempt on `name`; None: no hedging."""

@@ -89,11 +89,13 @@ class AttemptWritesMixin(BudgetMixin):
         await self._commit(op)
         self._wrote("update_attempt")
 
-    async def end_attempt(self, attempt: Attempt, **fields: Any) -> None:
-        """Record an attempt's end (its cost) and drop its budget hold, atomically."""
+    async def end_attempt(self, attempt: Attempt, *, holds: bool = True, **fields: Any) -> None:
+        """Record an attempt's end (its cost) and drop its budget hold, atomically
+        (`holds=False`: none was taken)."""
         def op(session: Tx) -> None:
             _set(session, attempt, fields)
-            self._drop_hold(session, attempt.prediction_id, attempt.seq)
+            if holds:
+                self._drop_hold(session, attempt.prediction_id, attempt.seq)
 
         await self._commit(op)
         self._wrote("update_attempt")

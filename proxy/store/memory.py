@@ -153,7 +153,7 @@ class MemoryStore(MemoryKeysMixin):
         error: str | None = _UNSET, error_kind: str | None = _UNSET,
         cost_micro_usd: int = _UNSET, timings: dict[str, Any] | None = _UNSET,
         provider: str | None = _UNSET, request: dict[str, Any] = _UNSET,
-        completed_at: datetime | None = None,
+        completed_at: datetime | None = None, holds: bool = True,
     ) -> bool:
         await turn()
         given = {"outputs": outputs, "has_nsfw_contents": has_nsfw_contents, "error": error,
@@ -163,12 +163,14 @@ class MemoryStore(MemoryKeysMixin):
         values = prediction_end(status, {k: v for k, v in given.items() if v is not _UNSET},
                                 "finish_prediction")
         finished = PREDICTIONS.update(self._active(prediction_id), values)
-        self._drop_settled_holds(prediction_id)
+        if holds:
+            self._drop_settled_holds(prediction_id)
         self._wrote("finish_prediction")
         return finished
 
     async def finish_with_attempt(
-        self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], **prediction: Any
+        self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], *,
+        holds: bool = True, **prediction: Any
     ) -> bool:
         await turn()
         a_values = checked_fields(Attempt, dict(attempt), ATTEMPT_STATUSES)
@@ -179,7 +181,8 @@ class MemoryStore(MemoryKeysMixin):
         finished = self._active(prediction_id)
         if finished is not None:
             finished.update(p_cells)
-        self._drop_settled_holds(prediction_id)
+        if holds:
+            self._drop_settled_holds(prediction_id)
         self._wrote("finish_with_attempt")
         return finished is not None
 
@@ -246,10 +249,11 @@ class MemoryStore(MemoryKeysMixin):
             held["amount_micro_usd"] = raise_hold_to
         self._wrote("update_attempt")
 
-    async def end_attempt(self, attempt: Attempt, **fields: Any) -> None:
+    async def end_attempt(self, attempt: Attempt, *, holds: bool = True, **fields: Any) -> None:
         await turn()
         self._set_attempt(attempt, fields)
-        self._holds.pop((attempt.prediction_id, attempt.seq), None)
+        if holds:
+            self._holds.pop((attempt.prediction_id, attempt.seq), None)
         self._wrote("update_attempt")
 
     # -- leases ------------------------------------------------------------

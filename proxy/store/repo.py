@@ -228,12 +228,15 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         provider: str | None = _UNSET,
         request: dict[str, Any] = _UNSET,
         completed_at: datetime | None = None,
+        holds: bool = True,
     ) -> bool:
         """Move a non-terminal prediction to terminal `status` and end its lease.
 
         Sets completed_at/updated_at and every keyword given. Returns False
         (changing nothing) if the prediction is missing or already terminal,
         so a late 'completed' cannot overwrite a 'canceled' and vice versa.
+        `holds=False`: the caller knows no budget hold was taken for it (a key
+        without a budget), so none is looked for.
         """
         given = {
             "outputs": outputs,
@@ -255,7 +258,8 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         )
         def op(session: Tx) -> int:
             result = session.execute(stmt, execution_options={"synchronize_session": False})
-            self._drop_settled_holds(session, prediction_id)
+            if holds:
+                self._drop_settled_holds(session, prediction_id)
             return rowcount(result)
 
         ended = await self._commit(op)
@@ -263,7 +267,8 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
         return ended > 0
 
     async def finish_with_attempt(
-        self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], **prediction: Any
+        self, prediction_id: str, attempt_id: int, attempt: dict[str, Any], *,
+        holds: bool = True, **prediction: Any
     ) -> bool:
         """The attempt's end and the prediction's end in ONE transaction, so no
         crash can leave a completed upstream job behind an unfinished prediction.
@@ -281,7 +286,8 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
                 .where(PREDICTIONS.c.id == prediction_id,
                        PREDICTIONS.c.status.in_(ACTIVE_STATUSES))
                 .values(**p_values))
-            self._drop_settled_holds(session, prediction_id)
+            if holds:  # (holds=False: none was taken, see finish_prediction)
+                self._drop_settled_holds(session, prediction_id)
             return rowcount(result)
 
         ended = await self._commit(op)
