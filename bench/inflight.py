@@ -44,6 +44,7 @@ if not __package__:  # run by path: this checkout's bench/, not one on PYTHONPAT
 import httpx
 
 from bench.harness.cpu import CpuUsage, CpuWindow, machine_info, wait_quiet
+from bench.harness.litellm import tree_rss_bytes
 from bench.harness.openloop import (
     PredictionLoad,
     Tracked,
@@ -196,7 +197,10 @@ async def drive(args: argparse.Namespace, base: str, key: str | None, sims: list
                     "simulators": sum(v for k, v in cpu.trees.items() if k != "proxy")},
                     cpu.own_s, cpu.other_s)
                 step.polls = await _polls(side, sims) - polls0
-                step.rss, step.peak_rss = rss_bytes(proxy_pid)
+                if args.workers > 1:  # the replica is a process tree: sum it
+                    step.rss = step.peak_rss = tree_rss_bytes(proxy_pid)
+                else:
+                    step.rss, step.peak_rss = rss_bytes(proxy_pid)
                 step.probes, step.probe_failed = read_probes(probes, step.w0, step.w1)
                 step.preds = [t for t in load.all if step.w0 <= t.due < step.w1]
                 if prof is not None:
@@ -262,6 +266,8 @@ async def run(args: argparse.Namespace) -> tuple[list[Step], dict[str, Any]]:
             args.providers, 1.0)}}} if len(args.providers) > 1 else None
         config = proxy_config(port, url, instance_id="inflight", order=args.providers,
                               providers=providers, routing=routing)
+        if args.workers > 1:  # one replica, N processes on one port (`serve --workers`)
+            config["workers"] = args.workers
         proxy, env = start_proxy(workdir, args.db, config)
         started.append(proxy)
         base = f"http://{HOST}:{port}"
@@ -291,6 +297,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--settle", type=float, default=None,
                     help="seconds at the step's rate before measuring (default: longest job+1)")
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="server processes of the one replica (flux-proxy serve --workers)")
     ap.add_argument("--pg-url", default=DEFAULT_PG_URL,
                     help="PostgreSQL for --db postgres; its tables are dropped first")
     ap.add_argument("--pg-force", action="store_true",
