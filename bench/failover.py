@@ -18,7 +18,8 @@ Processes on 127.0.0.1 (the machine this was written for has 2 cores):
   ``--concurrency`` workers (closed loop, one connection each), ``size`` 512*512 (one
   both providers take).
 
-The primary serves sync requests with WaveSpeed's native sync mode (one upstream call);
+The primary serves sync requests with WaveSpeed's native sync mode (one upstream call;
+set here, since WaveSpeed is polled by default now);
 the secondary is polled (``poll_initial_s`` 0.05). So a failed-over request pays the
 failed attempt, then the secondary's own latency, which differs from the primary's: the
 ``secondary only`` row (routing.order = ["vibedream"]) measures the latter alone.
@@ -170,7 +171,9 @@ def _proxy_config(spec: CellSpec, port: int, db: Path, primary: Simulator,
         port, f"sqlite+aiosqlite:///{db}", instance_id="bench-failover", order=order,
         sync_timeout_s=SYNC_TIMEOUT_S,
         routing={"breaker": BREAKER_ON if spec.breaker else BREAKER_OFF},
-        providers={PRIMARY: {"base_url": primary.url, **provider},
+        # The primary keeps WaveSpeed's native sync (no longer the default) so the
+        # figures stay comparable with RESULTS-failover.md.
+        providers={PRIMARY: {"base_url": primary.url, "use_native_sync": True, **provider},
                    SECONDARY: {"base_url": secondary.url, **provider}})
 
 

@@ -11,7 +11,9 @@ Two modes, each at concurrency 1 and 200 (closed loop: every worker sends its ne
 request when the previous one ends):
 
 * ``sync``: one POST with ``enable_sync_mode: true``. Direct: the simulator's own sync
-  mode; via the proxy: the proxy's sync mode, which uses WaveSpeed's native sync.
+  mode; via the proxy: the proxy's sync mode, emulated by polling WaveSpeed every
+  ``--poll-interval`` (WaveSpeed is asynchronous by default; ``bench/compare.py
+  --native-sync`` measures its native sync mode).
 * ``poll``: POST asynchronously, then GET every ``--poll-interval`` seconds until the
   status is terminal. Direct: the simulator's submit + ``/result`` API; via the proxy:
   ``POST /v1/predictions`` + ``GET /v1/predictions/{id}`` (the proxy itself polls the
