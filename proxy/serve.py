@@ -263,8 +263,10 @@ class Supervisor:
             self.log.info("serve.stopped")
 
     def _migrate(self) -> bool:
-        """Migrations once, here, before any worker starts (they do not migrate)."""
-        return migrate_database(self.settings)
+        """Migrations once, before any worker starts (they do not migrate): in a
+        forked child where it can, so the supervisor never holds alembic either."""
+        migrated = migrate_in_child(self.settings)
+        return migrate_database(self.settings) if migrated is None else migrated
 
     def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
         self._signals.append(sig)
