@@ -85,15 +85,10 @@ class Runner:
     async def _drive(self, run: Run) -> None:
         pred = run.pred
         gen = generation_from_stored(pred.request)
-        if run.admitted is not None:  # admitted at submit: its first attempt is written
-            try:
-                result = await self._try_providers(run, gen, None)
-            except Canceled:
-                await self._finish(run, "canceled", Outcome(False, error=run.cancel.reason))
-                return
-            await self._finish(run, "completed" if result.ok else "failed", result)
-            return
-        plan = resume_steps(pred, run.attempts)  # what the rows say comes next
+        # What the rows say comes next; admitted at submit, its first attempt (written,
+        # not yet sent) is simply submitted.
+        plan = StepPlan((Step.SUBMIT,)) if run.admitted is not None else resume_steps(
+            pred, run.attempts)
         if Step.DONE in plan.steps:
             return
         if Step.CANCEL in plan.steps:  # asked while no one drove it: no new submit, ever

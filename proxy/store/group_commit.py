@@ -93,9 +93,9 @@ class GroupCommit:
                                                                 ops)
 
     def _in_thread(self, ops: list[Op]) -> list[Any]:
-        if self._engine is None and self._make_engine is not None:
+        if self._engine is None:
+            assert self._make_engine is not None
             self._engine = self._make_engine()
-        assert self._engine is not None
         with self._engine.begin() as conn:  # Core only: no ORM session per batch
             return _run_all(conn, ops)
 
@@ -111,19 +111,18 @@ class GroupCommit:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
-        live = [(op, f) for op, f in batch if not f.done()]
+        live = [(op, f) for op, f in batch if not f.done()]  # a canceled caller: not written
         if not live:
             return
         try:
             results = await self._execute([op for op, _ in live])
         except Exception as exc:
-            if len(live) == 1:
-                if not live[0][1].done():
-                    live[0][1].set_exception(exc)
-                return
-            log.info("group_commit.split", writes=len(live))
-            for op, future in live:
-                await self._alone(op, future)
+            if len(live) > 1:  # one bad write must not fail the others: each alone
+                log.info("group_commit.split", writes=len(live))
+                for one in live:
+                    await self._commit([one])
+            elif not live[0][1].done():
+                live[0][1].set_exception(exc)
             return
         except BaseException as exc:  # cancelled mid-commit: the callers must not hang
             for _, future in live:
@@ -136,18 +135,6 @@ class GroupCommit:
         for (_, future), result in zip(live, results, strict=True):
             if not future.done():
                 future.set_result(result)
-
-    async def _alone(self, op: Op, future: asyncio.Future[Any]) -> None:
-        try:
-            (result,) = await self._execute([op])
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
-            return
-        self.batches += 1
-        self.writes += 1
-        if not future.done():
-            future.set_result(result)
 
 
 def _run_all(session: Tx, ops: list[Op]) -> list[Any]:

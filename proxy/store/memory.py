@@ -85,24 +85,21 @@ class MemoryStore(MemoryKeysMixin):
         row = PREDICTIONS.row(p)
         if hold is not None:
             self._check_hold(hold, p.id, 0)
+        if attempt_hold is not None:  # it replaces seq 0: checked without it, as in SQL
+            self._check_hold(attempt_hold, p.id, a.seq)
         if p.id in self._predictions:
             raise integrity_error("predictions", "UNIQUE constraint failed: predictions.id")
-        self._predictions[p.id] = row
+        self._predictions[p.id] = row  # the attempt's foreign key needs it
         try:
-            if attempt_hold is not None:
-                if hold is not None:
-                    self._take_hold(hold, p.id, 0)
-                self._check_hold(attempt_hold, p.id, a.seq)
             attempt_row = self._new_attempt(a)
         except BaseException:  # one transaction: nothing of it stays
             del self._predictions[p.id]
-            self._holds.pop((p.id, 0), None)
             raise
+        if hold is not None:
+            self._take_hold(hold, p.id, 0)
         if attempt_hold is not None:
             self._take_hold(attempt_hold, p.id, a.seq)
             a.reserved_micro_usd = attempt_hold.amount_micro_usd
-        elif hold is not None:
-            self._take_hold(hold, p.id, 0)
         self._insert_attempt(a, attempt_row)
         self._wrote("create_with_attempt")
         return p
