@@ -50,7 +50,14 @@ from bench.harness.cpu import machine_info, process_tree, wait_quiet
 from bench.harness.fake_openai import GENERATIONS, check_images, start_fake_openai
 from bench.harness.load import BenchError, json_object
 from bench.harness.procs import HOST, Service, clean_env, cli, free_port, services
-from bench.harness.proxy import bearer, cli_client_key, proxy_config, reset_postgres, toml_dumps
+from bench.harness.proxy import (
+    add_postgres_args,
+    bearer,
+    cli_client_key,
+    proxy_config,
+    reset_postgres,
+    toml_dumps,
+)
 from bench.harness.report import csv_list, load_notes, ms, render_table, write_json
 from bench.harness.simulators import SIM_KEY, start_simulator
 from bench.overhead_ops import BODY, PROXY_SUBMIT, SIM_SUBMIT
@@ -280,9 +287,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="flux-proxy serve --workers N, where `serve` has that option")
     ap.add_argument("--db", type=csv_list(str, ["sqlite", "postgres"], required=True),
                     default=["sqlite"], help="comma list: sqlite, postgres (default sqlite)")
-    ap.add_argument("--pg-url", default=DEFAULT_PG_URL, help="for --db postgres; emptied first")
-    ap.add_argument("--pg-force", action="store_true",
-                    help="allow a --pg-url database not named flux_bench*")
+    add_postgres_args(ap, DEFAULT_PG_URL)
     ap.add_argument("--concurrency", type=csv_list(int, required=True), default=[1, 50, 200],
                     help="comma list (default 1,50,200)")
     ap.add_argument("--requests", type=int, default=2000,

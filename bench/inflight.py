@@ -56,7 +56,14 @@ from bench.harness.openloop import (
 )
 from bench.harness.procs import HOST, cancel_on_sigterm, copy_logs, free_port, services
 from bench.harness.profile import Profiler
-from bench.harness.proxy import bearer, cli_client_key, proxy_config, reset_postgres, start_proxy
+from bench.harness.proxy import (
+    add_postgres_args,
+    bearer,
+    cli_client_key,
+    proxy_config,
+    reset_postgres,
+    start_proxy,
+)
 from bench.harness.report import csv_list, load_notes, percentile, render_table, write_json
 from bench.harness.simulators import Simulator, start_simulator
 
@@ -299,10 +306,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--workers", type=int, default=1,
                     help="server processes of the one replica (flux-proxy serve --workers)")
-    ap.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                    help="PostgreSQL for --db postgres; its tables are dropped first")
-    ap.add_argument("--pg-force", action="store_true",
-                    help="allow a --pg-url database not named flux_bench*")
+    add_postgres_args(ap, DEFAULT_PG_URL)
     ap.add_argument("--upstream-connections", type=int, default=200,
                     help="the proxy's max_connections per provider (default 200, its own)")
     ap.add_argument("--connections", type=int, default=128,

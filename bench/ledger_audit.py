@@ -76,6 +76,7 @@ from bench.harness.procs import (
     sigterm_raises,
 )
 from bench.harness.proxy import (
+    add_postgres_args,
     bearer,
     cli_client_key,
     proxy_config,
@@ -387,10 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--settle-time", type=float, default=180.0,
                     help="how long to wait for every prediction to be terminal")
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    ap.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                    help="PostgreSQL for --db postgres; its tables are dropped first")
-    ap.add_argument("--pg-force", action="store_true",
-                    help="allow a --pg-url database not named flux_bench*")
+    add_postgres_args(ap, DEFAULT_PG_URL)
     ap.add_argument("--json", type=Path, default=None, help="write every finding here")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep configs, the database and logs here (default: a temp dir)")

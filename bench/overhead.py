@@ -61,7 +61,13 @@ from bench.harness.cpu import OTHER_LOAD_WARN, CpuUsage, CpuWindow, machine_info
 from bench.harness.load import closed_loop
 from bench.harness.procs import HOST, cancel_on_sigterm, copy_logs, free_port, services
 from bench.harness.profile import Profiler
-from bench.harness.proxy import cli_client_key, proxy_config, reset_postgres, start_proxy
+from bench.harness.proxy import (
+    add_postgres_args,
+    cli_client_key,
+    proxy_config,
+    reset_postgres,
+    start_proxy,
+)
 from bench.harness.report import csv_list, load_notes, ms, percentile, render_table, write_json
 from bench.harness.simulators import Simulator, start_simulator
 from bench.overhead_ops import SERIES, Target
@@ -319,10 +325,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="comma-separated: sync, poll (default both)")
     ap.add_argument("--db", type=csv_list(str), default=["sqlite"],
                     help="comma-separated: sqlite, postgres (default sqlite)")
-    ap.add_argument("--pg-url", default=DEFAULT_PG_URL,
-                    help="PostgreSQL for --db postgres; its tables are dropped first")
-    ap.add_argument("--pg-force", action="store_true",
-                    help="allow a --pg-url database not named flux_bench*")
+    add_postgres_args(ap, DEFAULT_PG_URL)
     ap.add_argument("--job-latency", type=float, default=0.05,
                     help="simulator job latency in seconds (default 0.05)")
     ap.add_argument("--poll-interval", type=float, default=0.02,

@@ -43,12 +43,13 @@ def free_port() -> int:
 
 
 def write_config(path: Path, sim: SimulatorServer, database_url: str, *,
-                 lease_s: float = 30.0, auth: bool = False) -> None:
+                 lease_s: float = 30.0, auth: bool = False, log_level: str = "info") -> None:
+    """A proxy config routing to the VibeDream simulator `sim`, polling it fast."""
     host = urlsplit(sim.base_url).netloc
     path.write_text(f"""
 database_url = "{database_url}"
 lease_s = {lease_s}
-log_level = "info"
+log_level = "{log_level}"
 auth_enabled = {str(auth).lower()}
 
 [routing]

@@ -20,6 +20,8 @@ import pytest
 
 from providers.simulators import SimulatorServer
 
+from ._serve import write_config
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,26 +31,7 @@ def _free_port() -> int:
 
 
 def _write_config(path: Path, sim: SimulatorServer, db: Path, lease_s: float) -> None:
-    host = urlsplit(sim.base_url).netloc
-    path.write_text(
-        f"""
-database_url = "sqlite+aiosqlite:///{db}"
-lease_s = {lease_s}
-log_level = "warning"
-auth_enabled = false
-
-[routing]
-order = ["vibedream"]
-
-[providers.vibedream]
-base_url = "{sim.base_url}"
-api_key = "sim-key"
-asset_hosts = ["{host}"]
-allow_private_asset_hosts = true
-poll_initial_s = 0.05
-poll_max_s = 0.2
-"""
-    )
+    write_config(path, sim, f"sqlite+aiosqlite:///{db}", lease_s=lease_s, log_level="warning")
 
 
 @contextmanager

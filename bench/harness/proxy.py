@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -105,6 +106,14 @@ def admin_client_key(url: str, admin_key: str, name: str) -> str | None:
 def bearer(key: str | None) -> dict[str, str]:
     """Authorization headers for ``key`` (none for None)."""
     return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def add_postgres_args(ap: argparse.ArgumentParser, default_url: str) -> None:
+    """`--pg-url` and `--pg-force`, as every benchmark with `--db postgres` takes them."""
+    ap.add_argument("--pg-url", default=default_url,
+                    help="PostgreSQL for --db postgres; its tables are dropped first")
+    ap.add_argument("--pg-force", action="store_true",
+                    help="allow a --pg-url database not named flux_bench*")
 
 
 async def reset_postgres(url: str, *, force: bool = False) -> None:

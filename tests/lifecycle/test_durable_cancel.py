@@ -9,7 +9,7 @@ import pytest
 
 from providers.testing import Accept, ScriptedProvider
 from proxy.lifecycle.service import PredictionService
-from proxy.store.models import Attempt
+from proxy.store.models import Attempt, Prediction
 
 from .conftest import Harness, finished, request
 
@@ -23,11 +23,12 @@ def queued_only(service: PredictionService) -> PredictionService:
     return service
 
 
-async def test_a_flag_set_while_nobody_drove_it_stops_the_resumer(harness: Harness) -> None:
-    a = ScriptedProvider("a", [Accept()])
-    first = queued_only(harness.service(a))
+async def cancel_while_nobody_drives(harness: Harness, first: PredictionService,
+                                     a: ScriptedProvider) -> tuple[Prediction, list[Attempt]]:
+    """`first` admits a prediction and its driver dies before any POST; the cancel
+    flag is set and the lease released; another replica resumes it to its end."""
     run = await first.submit(request())
-    run.task.cancel()  # type: ignore[union-attr]  # the driver dies before any submit
+    run.task.cancel()  # type: ignore[union-attr]
     await harness.store.request_cancel(run.pred.id)
     await harness.store.release(run.pred.id, "test-1")
     resumer = harness.service(a, instance="test-2")
@@ -35,7 +36,12 @@ async def test_a_flag_set_while_nobody_drove_it_stops_the_resumer(harness: Harne
     resumed = resumer._runs.get(run.pred.id)
     assert resumed is not None
     await finished(resumer, resumed)
-    pred, attempts = await harness.rows(run.pred.id)
+    return await harness.rows(run.pred.id)
+
+
+async def test_a_flag_set_while_nobody_drove_it_stops_the_resumer(harness: Harness) -> None:
+    a = ScriptedProvider("a", [Accept()])
+    pred, attempts = await cancel_while_nobody_drives(harness, queued_only(harness.service(a)), a)
     assert pred.status == "canceled" and attempts == [] and a.calls == []
 
 
@@ -60,17 +66,7 @@ async def test_a_driver_dead_between_admission_and_submit_is_never_resubmitted(
     # The first attempt's row is written with the prediction, before the POST: a
     # driver that died there may have sent it, so the resumer closes it unknown.
     a = ScriptedProvider("a", [Accept()])
-    first = harness.service(a)
-    run = await first.submit(request())
-    run.task.cancel()  # type: ignore[union-attr]  # dies before its POST
-    await harness.store.request_cancel(run.pred.id)
-    await harness.store.release(run.pred.id, "test-1")
-    resumer = harness.service(a, instance="test-2")
-    await resumer.start()
-    resumed = resumer._runs.get(run.pred.id)
-    assert resumed is not None
-    await finished(resumer, resumed)
-    pred, attempts = await harness.rows(run.pred.id)
+    pred, attempts = await cancel_while_nobody_drives(harness, harness.service(a), a)
     assert pred.status == "canceled" and a.calls == []
     assert [x.status for x in attempts] == ["unknown"]
     assert pred.cost_micro_usd == attempts[0].cost_micro_usd > 0  # charged as if it landed
