@@ -18,6 +18,7 @@ from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
 from proxy.accounts.auth import Auth
 from proxy.accounts.ratelimit import limiter_for
+from proxy.api import openai_compat, vibedream_compat, wavespeed_compat
 from proxy.api.admin import AdminKeysController
 from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
@@ -148,7 +149,10 @@ def create_app(
     }
     app = Litestar(
         route_handlers=[PredictionController, list_models, spend, AdminKeysController,
-                        healthz, readyz, metrics_page],
+                        healthz, readyz, metrics_page,
+                        # Compatibility surfaces: other wire formats onto the same service.
+                        *openai_compat.HANDLERS, *wavespeed_compat.HANDLERS,
+                        *vibedream_compat.HANDLERS],
         lifespan=[lifespan],
         # flux_proxy_http_* per route (not /metrics); its buckets go past sync_timeout_s.
         middleware=[HttpMetrics],

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # Where clients reach us; used to build urls.get / urls.cancel. Empty: from the request.
     public_base_url: str = ""
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    # Uploaded media (WaveSpeed's upload routes): a folder shared by every process,
+    # files kept this long after upload, then swept.
+    media_dir: str = "./flux-proxy-media"
+    media_retention_s: float = Field(default=24 * 3600.0, gt=0)
     # Memory bounds for the whole process (common/media/budget.py): output download
     # bodies held at once (base64 emulation), and image decoding/encoding at once
     # (outputs' pixels and data URIs, requests' inline images). Work waits its turn.

@@ -31,12 +31,14 @@ NS = "flux_proxy"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 PREDICTIONS_ACCEPTED = Counter(
-    f"{NS}_predictions_accepted_total", "Predictions accepted.", ["model"]
+    f"{NS}_predictions_accepted_total",
+    "Predictions accepted, by the wire format they came in (native, openai, wavespeed, "
+    "vibedream).", ["model", "surface"]
 )
 PREDICTIONS_FINISHED = Counter(
     f"{NS}_predictions_total",
     "Predictions that reached a terminal status.",
-    ["model", "provider", "status"],
+    ["model", "provider", "status", "surface"],
 )
 PREDICTIONS_IN_FLIGHT = Gauge(
     f"{NS}_predictions_in_flight", "Non-terminal predictions being driven (all live workers).",

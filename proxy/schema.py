@@ -274,6 +274,8 @@ class PredictionView(msgspec.Struct):
     # A cancel was asked and is durable; while `status` is not yet `canceled`, the
     # attempts show what is still upstream (the driving replica is stopping it).
     cancel_requested: bool = False
+    # The wire format the request came in: native, openai, wavespeed or vibedream.
+    surface: str = "native"
 
 
 class PredictionList(msgspec.Struct):

@@ -7,6 +7,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from common.logging import get_logger
+from proxy.api.submitting import Refusal
 from proxy.schema import ErrorBody, ErrorResponse, FieldError
 
 log = get_logger("flux_proxy.api")
@@ -42,6 +43,12 @@ def error_response(
         media_type=MediaType.JSON,
         headers=headers,
     )
+
+
+def refusal_response(refusal: Refusal) -> Response[ErrorResponse]:
+    """A refusal in the native envelope."""
+    return error_response(refusal.status, refusal.message, code=refusal.code,
+                          details=refusal.details or None, headers=refusal.headers or None)
 
 
 def http_exception_handler(_: Request, exc: HTTPException) -> Response[ErrorResponse]:

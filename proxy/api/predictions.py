@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Operation
 from litestar.params import FromPath, FromQuery, QueryParameter
-from pydantic import ValidationError
 
 from proxy.accounts.auth import principal_of, require_key
-from proxy.accounts.budgets import BudgetExceeded
 from proxy.api.deps import ApiDep
-from proxy.api.errors import error_response
-from proxy.api.render import prediction_view
-from proxy.config import Settings
-from proxy.lifecycle.service import Conflict, NoProvider, NotFound, Unavailable
+from proxy.api.errors import error_response, refusal_response
+from proxy.api.render import base_url, prediction_view
+from proxy.api.submitting import Refusal, admit, finish_sync, parse_native
+from proxy.lifecycle.service import Conflict, NotFound
 from proxy.schema import (
     ErrorResponse,
     FieldError,
     GenerateRequest,
     PredictionList,
     PredictionView,
-    field_errors,
 )
 from proxy.store.models import PREDICTION_STATUSES
 
@@ -49,52 +45,6 @@ class _CreateOperation(Operation):
         return out
 
 
-_BASE_URLS: dict[tuple[Any, ...], str] = {}  # what str(request.base_url) gave, per origin
-
-
-def _base_url(request: Request[Any, Any, Any], settings: Settings) -> str:
-    if settings.public_base_url:
-        return settings.public_base_url
-    # request.base_url builds a URL from a copy of the scope; the answer depends only on these.
-    scope = request.scope
-    key = (scope.get("scheme"), scope.get("server"), request.headers.get("host"),
-           scope.get("app_root_path") or scope.get("root_path", ""))
-    base = _BASE_URLS.get(key)
-    if base is None:
-        base = str(request.base_url)
-        if len(_BASE_URLS) >= 256:  # the Host header is the client's: keep it bounded
-            _BASE_URLS.clear()
-        _BASE_URLS[key] = base
-    return base
-
-
-def parse_generate(
-    raw: bytes, models: list[str], providers: list[str]
-) -> GenerateRequest | Response[Any]:
-    """The validated request, or the 400/422 response that says what is wrong."""
-    try:
-        req = GenerateRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            return error_response(400, f"request body is not valid JSON: {errors[0]['msg']}",
-                                  code="invalid_json")
-        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
-            return error_response(422, "request body must be a JSON object",
-                                  details=[FieldError(field="body", reason="not an object")])
-        return error_response(422, "request validation failed", details=field_errors(exc))
-    if req.model not in models:
-        return error_response(422, "request validation failed", details=[
-            FieldError(field="model", reason="unknown model", value=req.model,
-                       allowed=f"one of {', '.join(models)}")])
-    unknown = [p for p in req.providers or [] if p not in providers]
-    if unknown:
-        return error_response(422, "request validation failed", details=[
-            FieldError(field="providers", reason=f"unknown provider(s): {', '.join(unknown)}",
-                       value=req.providers, allowed=f"names from {', '.join(providers)}")])
-    return req
-
-
 class PredictionController(Controller):
     path = "/v1/predictions"
     tags = ["predictions"]
@@ -116,39 +66,16 @@ class PredictionController(Controller):
         "terminal result (or 202 with the running prediction after sync_timeout_s).",
     )
     async def create(self, request: Request[Any, Any, Any], api: ApiDep) -> Response[Any]:
-        settings, service = api.settings, api.service
-        parsed = parse_generate(await request.body(), settings.models,
-                                list(api.provider_settings))
-        if isinstance(parsed, Response):
-            return parsed
-        principal = principal_of(request)
-        if principal.key is not None:
-            wait = await api.auth.rate_limit(principal.key)
-            if wait is not None:
-                return error_response(
-                    429, f"rate limit of key {principal.key.name!r} exceeded",
-                    headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        # Request images: decoded / address-checked before anything is written or sent.
-        bad_images = await api.image_checker.check(parsed)
-        if bad_images:
-            return error_response(422, "request validation failed", details=bad_images)
-        try:
-            run = await service.submit(parsed, principal)
-        except BudgetExceeded as exc:
-            return error_response(402, str(exc), code="budget_exceeded")
-        except Unavailable as exc:
-            return error_response(503, str(exc), code="providers_unavailable", headers={
-                "Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-        except NoProvider as exc:
-            details = [FieldError(field=name, reason=why) for name, why in exc.reasons.items()]
-            if not exc.configured:
-                return error_response(503, str(exc), code="no_provider", details=details)
-            return error_response(422, f"{exc}: " + "; ".join(
-                f"{d.field}: {d.reason}" for d in details), code="unsupported", details=details)
+        parsed = parse_native(await request.body(), api)
+        if isinstance(parsed, Refusal):
+            return refusal_response(parsed)
+        run = await admit(request, api, parsed, surface="native")
+        if isinstance(run, Refusal):
+            return refusal_response(run)
         status = 202
-        if parsed.enable_sync_mode and await service.wait(run, settings.sync_timeout_s):
+        if parsed.enable_sync_mode and await finish_sync(api, run):
             status = 200
-        view = prediction_view(run.pred, list(run.attempts), _base_url(request, settings))
+        view = prediction_view(run.pred, list(run.attempts), base_url(request, api.settings))
         return Response(view, status_code=status)
 
     @get("", summary="List predictions, newest first", responses={
@@ -177,7 +104,7 @@ class PredictionController(Controller):
             return error_response(422, "invalid query parameter", details=[
                 FieldError(field="cursor", reason="not a cursor from this API", value=cursor)])
         attempts = await store.attempts_for([p.id for p in preds])
-        base = _base_url(request, api.settings)
+        base = base_url(request, api.settings)
         data = [prediction_view(p, attempts.get(p.id, []), base) for p in preds]
         return Response(PredictionList(data=data, next_cursor=next_cursor))
 
@@ -190,7 +117,7 @@ class PredictionController(Controller):
             pred, attempts = await api.service.get(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
-        return Response(prediction_view(pred, attempts, _base_url(request, api.settings)))
+        return Response(prediction_view(pred, attempts, base_url(request, api.settings)))
 
     @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction",
           responses={**_ONE, **_errors(401, 404, 409)})
@@ -203,5 +130,5 @@ class PredictionController(Controller):
             return error_response(404, f"no prediction {prediction_id}")
         except Conflict as exc:
             return error_response(409, str(exc))
-        return Response(prediction_view(pred, attempts, _base_url(request, api.settings)))
+        return Response(prediction_view(pred, attempts, base_url(request, api.settings)))
 

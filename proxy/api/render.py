@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from litestar import Request
+
+from proxy.config import Settings
 from proxy.schema import AttemptView, PredictionView, Urls, usd
 from proxy.store.models import Attempt, Prediction
 
@@ -44,4 +49,25 @@ def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> Pr
         timings=dict(p.timings or {}),
         urls=Urls(get=base, cancel=f"{base}/cancel"),
         cancel_requested=bool(p.cancel_requested),
+        surface=str((p.request or {}).get("surface", "native")),
     )
+
+
+_BASE_URLS: dict[tuple[Any, ...], str] = {}  # what str(request.base_url) gave, per origin
+
+
+def base_url(request: Request[Any, Any, Any], settings: Settings) -> str:
+    """Where this client reaches us: `public_base_url`, else from the request."""
+    if settings.public_base_url:
+        return settings.public_base_url
+    # request.base_url builds a URL from a copy of the scope; the answer depends only on these.
+    scope = request.scope
+    key = (scope.get("scheme"), scope.get("server"), request.headers.get("host"),
+           scope.get("app_root_path") or scope.get("root_path", ""))
+    base = _BASE_URLS.get(key)
+    if base is None:
+        base = str(request.base_url)
+        if len(_BASE_URLS) >= 256:  # the Host header is the client's: keep it bounded
+            _BASE_URLS.clear()
+        _BASE_URLS[key] = base
+    return base

@@ -295,7 +295,8 @@ class Runner:
         pred.status, pred.completed_at = status, now
         pred.lease_owner = pred.lease_expires_at = None
         provider_label = pred.provider or "none"
-        metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status).inc()
+        surface = str((pred.request or {}).get("surface", "native"))
+        metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status, surface).inc()
         metrics.PREDICTION_DURATION.labels(pred.model, provider_label, status).observe(
             timings["total_ms"] / 1000)
         log.info("prediction.finished", prediction_id=pred.id, api_key_id=pred.api_key_id,

@@ -206,9 +206,12 @@ class PredictionService:
                               wait)
         return plan
 
-    async def submit(self, req: GenerateRequest, principal: Principal | None = None) -> Run:
+    async def submit(self, req: GenerateRequest, principal: Principal | None = None, *,
+                     surface: str = "native") -> Run:
         """Validate routing and budget, commit the row, start driving it.
-        Raises NoProvider or BudgetExceeded before anything is written."""
+        Raises NoProvider or BudgetExceeded before anything is written.
+        `surface`: the wire format the request came in (kept with the request, a
+        metrics label)."""
         principal = principal or Principal()
         seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         gen = req.to_generation(seed)
@@ -216,7 +219,7 @@ class PredictionService:
         now = self.clock.now()
         pred = Prediction(
             model=req.model,
-            request=_stored_request(gen, req.providers),
+            request=_stored_request(gen, req.providers, surface),
             seed=seed,
             api_key_id=principal.key_id,
             created_at=now,
@@ -252,9 +255,9 @@ class PredictionService:
         finally:
             if admitted is not None and run.admitted is None:
                 admitted.abandon()  # nothing was written: its slot comes back
-        metrics.PREDICTIONS_ACCEPTED.labels(pred.model).inc()
+        metrics.PREDICTIONS_ACCEPTED.labels(pred.model, surface).inc()
         log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
-                 model=pred.model, mode=gen.mode, num_images=gen.num_images,
+                 model=pred.model, surface=surface, mode=gen.mode, num_images=gen.num_images,
                  sync=gen.enable_sync_mode, provider=admitted.name if admitted else None)
         self._spawn(run)
         return run
@@ -339,8 +342,11 @@ def _visible(pred: Prediction, principal: Principal | None) -> bool:
     return principal is None or principal.sees_all or pred.api_key_id == principal.key_id
 
 
-def _stored_request(gen: GenerationRequest, providers: list[str] | None) -> dict[str, object]:
+def _stored_request(gen: GenerationRequest, providers: list[str] | None,
+                    surface: str = "native") -> dict[str, object]:
     stored: dict[str, object] = asdict(gen)
     if providers:
         stored["providers"] = list(providers)
+    if surface != "native":  # absent: native (rows from before surfaces read the same)
+        stored["surface"] = surface
     return stored
