@@ -1,7 +1,9 @@
 """Real `flux-proxy serve --workers N` processes for tests, and their databases.
 
-`serve_process` starts the supervisor on a free loopback port with a config file
-pointing at a simulator, waits until every worker has started, and stops it with
+`serving` runs the app under a real uvicorn in a thread (for clients that need a
+socket: the official SDKs, the CLI's --url). `serve_process` starts the supervisor
+on a free loopback port with a config file pointing at a simulator, waits until
+every worker has started, and stops it with
 SIGTERM (asserting a clean exit) at the end. `pg_database` makes a PostgreSQL
 database of its own for one test and drops it after.
 """
@@ -15,24 +17,52 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import uvicorn
 
 from providers.simulators import SimulatorServer
+
+if TYPE_CHECKING:
+    from proxy.config import Settings
 
 PG_URL = os.environ.get("FLUX_PROXY_TEST_PG_URL",
                         "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN = "workers-admin-key"
+
+
+@contextmanager
+def serving(settings: Settings) -> Iterator[str]:
+    """The proxy app under a real uvicorn, on a loopback port of its own: its base URL."""
+    from proxy.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "proxy did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def free_port() -> int:

@@ -8,15 +8,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner, Result
 from litestar.testing import TestClient
 from pydantic import SecretStr
@@ -24,6 +20,7 @@ from pydantic import SecretStr
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.config import Settings
+from tests._serve import serving
 
 CLI = [sys.executable, "-m", "proxy.cli"]
 
@@ -199,27 +196,6 @@ def test_the_database_url_is_printed_with_the_password_masked(
     assert ("database: postgresql+asyncpg://flux:***@127.0.0.1:1/flux "
             "(from FLUX_PROXY_DATABASE_URL)") in r.stderr
     assert "database error" in r.stderr and "hunter2" not in r.output
-
-
-@contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The proxy app under a real uvicorn, on a loopback port of its own."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "proxy did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_keys_and_spend_over_the_admin_api(
