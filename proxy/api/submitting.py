@@ -19,7 +19,7 @@ from proxy.accounts.budgets import BudgetExceeded
 from proxy.api.deps import Api
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.service import NoProvider, Unavailable
-from proxy.schema import FieldError, GenerateRequest, field_errors
+from proxy.schema import FieldError, GenerateRequest, field_errors, usd
 
 Surface = Literal["native", "openai", "wavespeed", "vibedream"]
 SURFACES: tuple[Surface, ...] = ("native", "openai", "wavespeed", "vibedream")
@@ -127,3 +127,21 @@ async def finish_sync(api: Api, run: Run, timeout_s: float | None = None) -> boo
     """Wait for the terminal state (at most `sync_timeout_s`); True when it came."""
     return await api.service.wait(run, api.settings.sync_timeout_s if timeout_s is None
                                   else timeout_s)
+
+
+# Every surface answers with these, so a caller of any wire format can find the
+# prediction (GET /v1/predictions/{id}) and what it cost.
+PREDICTION_ID_HEADER = "X-Flux-Prediction-Id"
+COST_HEADER = "X-Flux-Cost-USD"
+PROVIDER_HEADER = "X-Flux-Provider"
+
+
+def prediction_headers(run: Run) -> dict[str, str]:
+    """The proxy's own id, cost so far (exact decimal USD) and provider of a run."""
+    pred = run.pred
+    cost = pred.cost_micro_usd or sum(a.cost_micro_usd for a in run.attempts)
+    headers = {PREDICTION_ID_HEADER: pred.id, COST_HEADER: usd(cost)}
+    provider = pred.provider or (run.attempts[-1].provider if run.attempts else None)
+    if provider:
+        headers[PROVIDER_HEADER] = provider
+    return headers
