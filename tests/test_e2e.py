@@ -85,6 +85,11 @@ async def test_sync_prediction_through_wavespeed(ws_only: Any,
     assert len(body["outputs"]) == 3
     # Price table: $0.012 per image.
     assert body["cost_micro_usd"] == 36_000 and body["attempts"][0]["cost_micro_usd"] == 36_000
+    # The headers every surface answers with, and the surface it came through.
+    assert r.headers["x-flux-prediction-id"] == body["id"]
+    assert r.headers["x-flux-cost-usd"] == "0.036000"
+    assert r.headers["x-flux-provider"] == "wavespeed"
+    assert body["surface"] == "native"
     assert "inference_ms" in body["timings"]
     # Sync emulated by the proxy (use_native_sync is off by default): one submit, polled.
     assert wavespeed_sim.stats["submits"] == 1 and wavespeed_sim.stats["polls"] >= 1
@@ -326,7 +331,8 @@ async def test_models_health_metrics_and_openapi(tmp_path: Path,
         ready = await c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["database"] == "ok"
 
-        finished = {"model": "flux-dev", "provider": "vibedream", "status": "completed"}
+        finished = {"model": "flux-dev", "provider": "vibedream", "status": "completed",
+                    "surface": "native"}
         before = metric_value((await c.get("/metrics")).text, "flux_proxy_predictions_total",
                               **finished)
         await c.post("/v1/predictions", json={"prompt": PROMPT, "size": "512*512",

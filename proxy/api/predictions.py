@@ -13,7 +13,7 @@ from proxy.accounts.auth import principal_of, require_key
 from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response, refusal_response
 from proxy.api.render import base_url, prediction_view
-from proxy.api.submitting import Refusal, admit, finish_sync, parse_native
+from proxy.api.submitting import Refusal, admit, finish_sync, parse_native, prediction_headers
 from proxy.lifecycle.service import Conflict, NotFound
 from proxy.schema import (
     ErrorResponse,
@@ -76,7 +76,7 @@ class PredictionController(Controller):
         if parsed.enable_sync_mode and await finish_sync(api, run):
             status = 200
         view = prediction_view(run.pred, list(run.attempts), base_url(request, api.settings))
-        return Response(view, status_code=status)
+        return Response(view, status_code=status, headers=prediction_headers(run))
 
     @get("", summary="List predictions, newest first", responses={
         200: ResponseSpec(data_container=PredictionList, description="a page"),
