@@ -11,7 +11,6 @@ import httpx
 from litestar import Litestar
 from litestar.config.compression import CompressionConfig
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 
 from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
@@ -23,6 +22,7 @@ from proxy.api.admin import AdminKeysController
 from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
 from proxy.api.middleware import HttpMetrics, SmallBodyCompression
+from proxy.api.openapi import openapi_config
 from proxy.api.predictions import PredictionController
 from proxy.api.spend import spend
 from proxy.api.system import healthz, list_models, metrics_page, readyz
@@ -159,7 +159,8 @@ def create_app(
         exception_handlers=handlers,
         dependencies=DEPENDENCIES,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="flux-proxy", version="0.1.0", path="/schema"),
+        # Bearer security derived from the guards; /schema works offline (api/openapi.py).
+        openapi_config=openapi_config(title="flux-proxy", version="0.1.0", path="/schema"),
         compression_config=CompressionConfig(backend="gzip", minimum_size=4096,
                                              middleware_class=SmallBodyCompression),
         debug=False,
