@@ -10,6 +10,11 @@ from proxy import metrics
 from proxy.accounts.auth import require_key
 from proxy.api.deps import ApiDep
 
+# OpenAI's model object also has `created` (unix seconds) and `owned_by`, which the
+# SDK's models.list() / models.retrieve() read: FLUX.1 [dev]'s release (2024-08-01 UTC).
+MODEL_CREATED = 1_722_470_400
+MODEL_OWNED_BY = "flux-proxy"
+
 
 @get("/v1/models", tags=["models"], summary="Models, providers and their capabilities",
      guards=[require_key])
@@ -35,6 +40,8 @@ async def list_models(api: ApiDep) -> dict[str, Any]:
             {
                 "id": model,
                 "object": "model",
+                "created": MODEL_CREATED,
+                "owned_by": MODEL_OWNED_BY,
                 "providers": providers,
                 "routing": router.settings.route_for(model).model_dump(),
             }
