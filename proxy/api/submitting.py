@@ -14,6 +14,7 @@ from typing import Any, Literal
 from litestar import Request
 from pydantic import ValidationError
 
+from proxy import uploads
 from proxy.accounts.auth import principal_of
 from proxy.accounts.budgets import BudgetExceeded
 from proxy.api.deps import Api
@@ -104,6 +105,12 @@ async def admit(
             return Refusal("rate_limited", 429,
                            f"rate limit of key {principal.key.name!r} exceeded", "rate_limited",
                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    # The proxy's own upload URLs (WaveSpeed's media routes): a public URL or a data URI.
+    resolved = await uploads.resolve_images(req, api.settings,
+                                            request_base=lambda: str(request.base_url))
+    if isinstance(resolved, list):
+        return invalid("request validation failed", resolved)
+    req = resolved
     # Decoded / address-checked before anything is written or sent.
     bad_images = await api.image_checker.check(req)
     if bad_images:
