@@ -15,6 +15,7 @@ from litestar.exceptions import HTTPException
 from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
+from proxy import metrics
 from proxy.accounts.auth import Auth
 from proxy.accounts.ratelimit import limiter_for
 from proxy.api import openai_compat, vibedream_compat, wavespeed_compat
@@ -93,6 +94,7 @@ def create_app(
             await store.upgrade()
         providers, disabled = build_providers(settings, transports)
         router = Router(providers, settings.routing, disabled)
+        metrics.precreate(providers, settings.models)  # every known series, at zero
         service = PredictionService(
             store,
             router,

@@ -68,7 +68,17 @@ class Budgets:
                                                 period_start(key.budget_period, utcnow()))
         _publish(key, spent, held)
 
+    async def publish_all(self) -> int:
+        """The budget gauges of every live key with a budget (at start, then about once
+        a minute: a new period, or another replica's spend, moves them)."""
+        keys = [k for k in await self.store.list_keys(include_revoked=False)
+                if k.budget_micro_usd is not None]
+        for key in keys:
+            await self.publish(key)
+        return len(keys)
+
 
 def _publish(key: ApiKey, spent: int, reserved: int) -> None:
     remaining = max(0, (key.budget_micro_usd or 0) - spent - reserved)
     metrics.BUDGET_REMAINING_USD.labels(key.name).set(remaining / 1_000_000)
+    metrics.BUDGET_USD.labels(key.name).set((key.budget_micro_usd or 0) / 1_000_000)

@@ -207,6 +207,8 @@ class Attempts:
             await self.end(run, attempt, provider, "completed", cost=cost, images=len(outs),
                            **extra)
             metrics.IMAGES.labels(name).inc(len(outs))
+            if nsfw := sum(1 for flag in flags if flag):
+                metrics.NSFW_IMAGES.labels(name).inc(nsfw)
             return Outcome(True, provider=name, outputs=outs, nsfw=flags,
                            inference_ms=job.inference_ms, attempt=attempt)
         kind = job.error_kind or ErrorKind.UNAVAILABLE

@@ -13,6 +13,7 @@ from proxy import metrics
 from proxy.lifecycle.attempts import Attempts
 from proxy.lifecycle.polling import Canceled
 from proxy.lifecycle.run import CancelSignal, Outcome, Run
+from proxy.lifecycle.waste import HEDGE_LOST_PREFIX, count_waste
 from proxy.routing.admission import Admitted
 
 log = get_logger("flux_proxy.hedging")
@@ -53,6 +54,11 @@ async def hedged(
                 signals.append(signal)
                 tasks[asyncio.create_task(
                     attempts.run(run, second, gen, signal))] = signal
+            outcome = await first_result(attempts, run, tasks)
+            if second is not None:
+                won = outcome.ok and outcome.provider == second.name
+                metrics.HEDGE_RESULTS.labels(first.name, "won" if won else "lost").inc()
+            return outcome
         return await first_result(attempts, run, tasks)
     finally:
         watcher.cancel()
@@ -75,7 +81,7 @@ async def first_result(
                 continue
             if outcome.ok or not outcome.retryable:
                 for other in pending:
-                    tasks[other].fire(f"hedge lost: {outcome.provider} answered first")
+                    tasks[other].fire(f"{HEDGE_LOST_PREFIX}: {outcome.provider} answered first")
                 if pending:
                     _settle_later(attempts, run, pending)
                 return outcome
@@ -100,6 +106,7 @@ def _settle_later(attempts: Attempts, run: Run, losers: set[asyncio.Task[Outcome
     async def settle() -> None:
         await _settle(losers)
         await run.done.wait()  # after the runner wrote the prediction's final row
+        count_waste(run, run.delivered)  # the losers that ended only now
         total = sum(a.cost_micro_usd for a in run.attempts)
         if total != run.pred.cost_micro_usd:
             run.pred.cost_micro_usd = total

@@ -118,6 +118,8 @@ class Run:
     holds: bool = False
     admitted: Admitted | None = None
     admitted_hold: Hold | None = None
+    delivered: Attempt | None = None  # the attempt whose images the client got
+    wasted: set[int] = field(default_factory=set)  # attempt ids counted as wasted cost
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from proxy.lifecycle.polling import Canceled
 from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
 from proxy.lifecycle.steps import Plan as StepPlan
 from proxy.lifecycle.steps import Step, resume_steps
+from proxy.lifecycle.waste import count_waste
 from proxy.routing import Plan, Router
 from proxy.routing.admission import Admitted
 from proxy.schema import generation_from_stored
@@ -195,6 +196,8 @@ class Runner:
                 await self._sleep(run, max(wait, 0.01))
                 continue
             if last is not None and last.provider == provider.name:
+                metrics.RETRIES.labels(provider.name,
+                                       last.kind.value if last.kind else "unavailable").inc()
                 log.info("attempt.retry", prediction_id=run.pred.id, provider=provider.name,
                          reason=last.kind.value if last.kind else None)
             elif last is not None and last.provider and last.kind is not None:
@@ -295,6 +298,9 @@ class Runner:
         pred.status, pred.completed_at = status, now
         pred.lease_owner = pred.lease_expires_at = None
         provider_label = pred.provider or "none"
+        run.delivered = outcome.attempt if ok and outcome else None
+        count_waste(run, run.delivered)
+        metrics.QUEUE_WAIT.labels(pred.model).observe(timings["queue_ms"] / 1000)
         surface = str((pred.request or {}).get("surface", "native"))
         metrics.PREDICTIONS_FINISHED.labels(pred.model, provider_label, status, surface).inc()
         metrics.PREDICTION_DURATION.labels(pred.model, provider_label, status).observe(

@@ -80,6 +80,7 @@ class PredictionService:
         self.runner = Runner(store, router, prediction_deadline_s, clock, self.budgets)
         self.prediction_deadline_s = prediction_deadline_s
         self._holds_swept_at = float("-inf")
+        self._budgets_published_at: float | None = None
         self._runs: dict[str, Run] = {}
         # Predictions that ended here lately: a client's next GET needs no query.
         self._recent: OrderedDict[str, tuple[float, Run]] = OrderedDict()
@@ -92,6 +93,7 @@ class PredictionService:
         resumed = await self._claim_orphans(include_own=True)
         if resumed:
             log.info("predictions.resumed", count=resumed, instance_id=self.instance_id)
+        await self._publish_budgets()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="lease-sweeper")
 
     async def stop(self) -> None:
@@ -127,8 +129,20 @@ class PredictionService:
                             run.cancel.set()
                 await self._claim_orphans(include_own=False)
                 await self._release_stale_holds()
+                await self._publish_budgets()
             except Exception:  # keep sweeping; a store blip must not stop renewals
                 log.exception("lease.sweep_failed")
+
+    async def _publish_budgets(self) -> None:
+        """About once a minute (and at start): every budgeted key's gauges."""
+        now = self.clock.monotonic()
+        if self._budgets_published_at is not None and now - self._budgets_published_at < 60:
+            return
+        self._budgets_published_at = now
+        try:
+            await self.budgets.publish_all()
+        except Exception:  # a metric must never stop the sweeper (or the start)
+            log.exception("budget.publish_failed")
 
     async def _release_stale_holds(self) -> None:
         """About once a minute: budget holds of attempts whose process died after
