@@ -34,6 +34,7 @@ class AdminKeysController(Controller):
             key, row = await auth.create(spec.name, **spec.fields())
         except DuplicateKeyName as exc:
             return error_response(409, str(exc))
+        await api.service.budgets.publish(row)  # its budget gauges, from the start
         return Response({**key_view(row), "key": key}, status_code=201)
 
     @get("", summary="List client keys")
