@@ -121,9 +121,12 @@ def test_workers_share_one_database_and_their_metrics(
             for _ in range(4):
                 page = httpx.get(f"{served.base}/metrics", timeout=10).text
                 assert metric_value(page, "flux_proxy_predictions_accepted_total",
-                                    model="flux-dev") == n
+                                    model="flux-dev", surface="native") == n
                 assert metric_value(page, "flux_proxy_predictions_total", model="flux-dev",
-                                    provider="vibedream", status="completed") == n
+                                    provider="vibedream", status="completed",
+                                    surface="native") == n
+                assert metric_value(page, "flux_proxy_queue_wait_seconds_count",
+                                    model="flux-dev") == n
                 assert metric_value(page, "flux_proxy_predictions_in_flight") == 0
                 assert metric_value(page, "flux_proxy_attempts_total", provider="vibedream",
                                     outcome="completed") == n
@@ -169,9 +172,9 @@ def test_a_killed_worker_is_restarted_and_nothing_is_lost_or_paid_twice(
             # The dead worker's counts are still in the totals.
             page = httpx.get(f"{served.base}/metrics", timeout=10).text
             assert metric_value(page, "flux_proxy_predictions_accepted_total",
-                                model="flux-dev") == n
+                                model="flux-dev", surface="native") == n
             assert metric_value(page, "flux_proxy_predictions_total", model="flux-dev",
-                                provider="vibedream", status="completed") == n
+                                provider="vibedream", status="completed", surface="native") == n
         check_each_once(url, ids)
     # Polled again after the kill, never submitted again: paid once each.
     assert vibedream_sim.stats["submits"] == n
