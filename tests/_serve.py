@@ -42,15 +42,30 @@ REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN = "workers-admin-key"
 
 
+class RecordingTransport(httpx.AsyncHTTPTransport):
+    """A provider's transport that keeps every submit (POST) body the proxy sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submits: list[dict[str, Any]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.submits.append(json.loads(await request.aread()))
+        return await super().handle_async_request(request)
+
+
 @contextmanager
-def serving(settings: Settings) -> Iterator[str]:
-    """The proxy app under a real uvicorn, on a loopback port of its own: its base URL."""
+def serving(settings: Settings,
+            transports: dict[str, httpx.AsyncBaseTransport] | None = None) -> Iterator[str]:
+    """The proxy app under a real uvicorn, on a loopback port of its own: its base URL.
+    `transports`: per provider name, the transport its adapter uses (create_app's)."""
     from proxy.app import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning",
-                                           access_log=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, transports=transports),
+                                           log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

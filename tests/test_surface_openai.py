@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -26,28 +25,14 @@ from openai import OpenAI
 from PIL import Image
 
 from providers.simulators import SimConfig, SimulatorServer
-from proxy import app as proxy_app
 from proxy.config import TEST_RUN_VARIABLES, Settings
 
-from ._serve import serving
+from ._serve import RecordingTransport, serving
 from .conftest import make_settings, metric_value
 
 ADMIN = "openai-surface-admin"
 MAX_BODY = 1024 * 1024
 GENERATIONS = "/v1/images/generations"
-
-
-class RecordingTransport(httpx.AsyncHTTPTransport):
-    """The proxy's transport to WaveSpeed, keeping every submit body it sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.submits: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            self.submits.append(json.loads(await request.aread()))
-        return await super().handle_async_request(request)
 
 
 @dataclass
@@ -110,10 +95,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                                  auth_enabled=True, admin_key=ADMIN, max_body_bytes=MAX_BODY,
                                  log_level="warning")
         upstream = RecordingTransport()
-        # serving() builds the app with proxy.app.create_app: give it our transport.
-        mp.setattr(proxy_app, "create_app", functools.partial(
-            proxy_app.create_app, transports={"wavespeed": upstream}))
-        with serving(settings) as url:
+        with serving(settings, transports={"wavespeed": upstream}) as url:
             served = Proxy(url, sim, settings, upstream)
             yield served
             served.close()

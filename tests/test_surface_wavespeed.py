@@ -7,9 +7,7 @@ proxy proves the envelope is faithful."""
 from __future__ import annotations
 
 import base64
-import functools
 import io
-import json
 import os
 import re
 import time
@@ -28,10 +26,9 @@ from wavespeed import Client
 from providers.base import ErrorKind, GenerationRequest, JobStatus
 from providers.registry import build_provider
 from providers.simulators import SimConfig, SimulatorServer
-from proxy import app as proxy_app
 from proxy.config import TEST_RUN_VARIABLES, Settings
 
-from ._serve import serving
+from ._serve import RecordingTransport, serving
 from .conftest import make_settings, metric_value
 
 ADMIN = "wavespeed-surface-admin"
@@ -41,19 +38,6 @@ DATA_KEYS = {"id", "model", "outputs", "urls", "has_nsfw_contents", "status", "c
              "error", "timings"}
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 SYNC_TIMEOUT_S = 1.0
-
-
-class RecordingTransport(httpx.AsyncHTTPTransport):
-    """The proxy's transport to WaveSpeed, keeping every submit body it sent."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.submits: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            self.submits.append(json.loads(await request.aread()))
-        return await super().handle_async_request(request)
 
 
 @dataclass
@@ -113,10 +97,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
                                  public_base_url="", media_dir=str(tmp / "media"),
                                  sync_timeout_s=SYNC_TIMEOUT_S, log_level="warning")
         upstream = RecordingTransport()
-        # serving() builds the app with proxy.app.create_app: give it our transport.
-        mp.setattr(proxy_app, "create_app", functools.partial(
-            proxy_app.create_app, transports={"wavespeed": upstream}))
-        with serving(settings) as url:
+        with serving(settings, transports={"wavespeed": upstream}) as url:
             yield Proxy(url, sim, settings, upstream)
 
 

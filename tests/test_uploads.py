@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +29,7 @@ from proxy.app import create_app
 from proxy.schema import IMAGE_MAX_BYTES
 from proxy.uploads import Ticket, UploadError, UploadStore, validate_image
 
+from ._serve import RecordingTransport
 from .conftest import make_settings
 
 ADMIN = "uploads-admin-key"
@@ -46,17 +46,6 @@ def png(size: tuple[int, int] = (320, 256)) -> bytes:
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-class RecordingTransport(httpx.AsyncHTTPTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.submits: list[dict[str, Any]] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
-            self.submits.append(json.loads(await request.aread()))
-        return await super().handle_async_request(request)
 
 
 class PublicResolver:
