@@ -203,3 +203,13 @@ def exposition() -> bytes:
         _registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(_registry)
     return generate_latest(_registry)
+
+
+def precreate_keys(providers: Iterable[str], models: Iterable[str],
+                   key_names: Iterable[str]) -> None:
+    """The per-key cost series of these keys ("none": requests without a key), at zero."""
+    providers, models = list(providers), list(models)
+    for key_name in (*key_names, "none"):
+        for provider in providers:
+            for model in models:
+                COST_USD.labels(provider, model, key_name)

@@ -99,6 +99,9 @@ async def test_budget_gauges_are_exported_from_the_start(
         # At creation: the whole budget is left.
         assert value("flux_proxy_budget_usd", key_name="gauged") == 2.5
         assert value("flux_proxy_budget_remaining_usd", key_name="gauged") == 2.5
+        # Its cost series exists before its first spend (rate() counts that one too).
+        assert REGISTRY.get_sample_value("flux_proxy_cost_usd_total", {
+            "provider": "wavespeed", "model": "flux-dev", "key_name": "gauged"}) == 0
         key = {"Authorization": f"Bearer {r.json()['key']}"}
         done = await c.post("/v1/predictions", headers=key, json={
             "prompt": "a lighthouse", "size": "512*512", "enable_sync_mode": True})

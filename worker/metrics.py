@@ -46,6 +46,12 @@ class WorkerMetrics:
         self.nsfw_images = Counter(f"{NS}_nsfw_images_total",
                                    "Delivered images the safety checker flagged.", registry=r)
 
+        # Every series whose labels are known, at zero: rate() then counts the first one.
+        for status in ("completed", "failed", "canceled"):
+            self.jobs_finished.labels(status)
+            self.batches.labels(status)
+        self.jobs_rejected.labels("queue_full")
+
     def watch_queue(self, depth: Callable[[], int], running: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
         self.jobs_running.set_function(lambda: float(running()))

@@ -8,6 +8,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath
 from pydantic import ValidationError
 
+from proxy import metrics
 from proxy.accounts.auth import require_admin
 from proxy.accounts.keyspec import KeySpec, key_view
 from proxy.api.deps import ApiDep
@@ -35,6 +36,7 @@ class AdminKeysController(Controller):
         except DuplicateKeyName as exc:
             return error_response(409, str(exc))
         await api.service.budgets.publish(row)  # its budget gauges, from the start
+        metrics.precreate_keys(api.service.router.enabled, api.settings.models, [row.name])
         return Response({**key_view(row), "key": key}, status_code=201)
 
     @get("", summary="List client keys")
