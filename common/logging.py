@@ -1,4 +1,10 @@
-"""structlog setup: one JSON line per event, secrets scrubbed before rendering."""
+"""structlog setup: one JSON line per event (or pretty console lines in a terminal),
+secrets and inline image data scrubbed before rendering.
+
+Context bound with ``structlog.contextvars`` (the request id, a prediction's id, key
+name, provider and attempt: proxy/api/request_context.py, proxy/lifecycle/) is merged
+into every line, library ones included.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,12 @@ SENSITIVE_KEYS = frozenset(
     {"authorization", "api_key", "apikey", "key", "token", "password", "secret", "x-api-key"}
 )
 _BEARER = re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+")
+# Image bytes never reach a log: a data URI's payload, and bare base64 that starts as
+# an encoded PNG, JPEG, WebP or GIF does (or is simply too long to be anything else).
+_DATA_URI = re.compile(r"(data:[\w.+-]*/[\w.+-]*(?:;[\w.+-]+=[\w.+-]+)*;base64,)"
+                       r"[A-Za-z0-9+/=]*")
+_IMAGE_BASE64 = re.compile(r"(?:iVBORw0KGgo|/9j/|UklGR|R0lGOD)[A-Za-z0-9+/]{8,}=*"
+                           r"|[A-Za-z0-9+/]{160,}={0,2}")
 _secrets: set[str] = set()
 
 
@@ -25,6 +37,9 @@ def register_secrets(values: Iterable[str | None]) -> None:
 
 def _scrub_text(text: str) -> str:
     text = _BEARER.sub("Bearer [REDACTED]", text)
+    if len(text) >= 16:
+        text = _DATA_URI.sub(lambda m: f"{m[1]}[{len(m[0]) - len(m[1])} chars]", text)
+        text = _IMAGE_BASE64.sub(lambda m: f"[base64, {len(m[0])} chars]", text)
     for secret in _secrets:
         if secret in text:
             text = text.replace(secret, "[REDACTED]")
@@ -50,19 +65,37 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
     return event
 
 
-def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """`json` or `console`: `auto` is console when `stream` is a terminal, JSON when it
+    is anything else (a pipe, a file, a container's log driver)."""
+    if fmt != "auto":
+        return fmt
+    try:
+        return "console" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return "json"
+
+
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Every line to `stream` (default stdout): `fmt` json (one object a line),
+    console (aligned, coloured on a terminal) or auto (`resolve_format`)."""
+    out = stream or sys.stdout
+    renderer: Any
+    if resolve_format(fmt, out) == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        try:
+            colors = out.isatty()
+        except (AttributeError, ValueError):
+            colors = False
+        renderer = structlog.dev.ConsoleRenderer(colors=colors)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     # Library logs (uvicorn, alembic, httpx) get the same JSON lines and redaction.
-    handler = logging.StreamHandler(stream or sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
@@ -89,7 +122,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
 

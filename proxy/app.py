@@ -25,6 +25,7 @@ from proxy.api.errors import http_exception_handler, internal_error_handler
 from proxy.api.middleware import HttpMetrics, SmallBodyCompression
 from proxy.api.openapi import openapi_config
 from proxy.api.predictions import PredictionController
+from proxy.api.request_context import RequestContext
 from proxy.api.spend import spend
 from proxy.api.system import healthz, list_models, metrics_page, readyz
 from proxy.config import Settings
@@ -95,6 +96,8 @@ def create_app(
         providers, disabled = build_providers(settings, transports)
         router = Router(providers, settings.routing, disabled)
         metrics.precreate(providers, settings.models)  # every known series, at zero
+        metrics.precreate_keys(providers, settings.models,
+                               [k.name for k in await store.list_keys(include_revoked=False)])
         service = PredictionService(
             store,
             router,
@@ -169,4 +172,6 @@ def create_app(
         logging_config=None,  # ours (common/logging.py) renders every line, library ones too
     )
     app.state.settings = settings
+    # x-request-id, x-flux-proxy-overhead-ms, the log context: around everything, 404s too.
+    app.asgi_handler = RequestContext(app.asgi_handler)
     return app

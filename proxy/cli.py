@@ -42,17 +42,23 @@ def main() -> None:
                    "FLUX_PROXY_WORKERS).")
 @click.option("--log-level", default=None,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default=None, type=click.Choice(["auto", "json", "console"]),
+              help="auto (the default, FLUX_PROXY_LOG_FORMAT): JSON lines unless stdout is "
+                   "a terminal, where lines are pretty.")
 def serve(host: str | None, port: int | None, workers: int | None,
-          log_level: str | None) -> None:
+          log_level: str | None, log_format: str | None) -> None:
     """Apply migrations and serve the proxy.
 
     Each process's memory budgets (max_inflight_download_bytes,
     max_inflight_decode_bytes) are sized before its app starts, and clients get
     the header and body read timeouts (proxy/client_timeouts.py). With --workers N
-    a supervisor migrates once, then runs and restarts N workers (proxy/serve.py)."""
+    a supervisor migrates once, then runs and restarts N workers (proxy/serve.py).
+    Once listening it logs `serve.listening`: the address and port bound (--port 0:
+    the one the kernel chose) and the URL."""
     from proxy.serve import serve as run
 
-    settings = _settings(host=host, port=port, workers=workers, log_level=log_level)
+    settings = _settings(host=host, port=port, workers=workers, log_level=log_level,
+                         log_format=log_format)
     if settings.redis_url is not None:
         from proxy.shared import parse_redis_url  # redis only when it is configured
 

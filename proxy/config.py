@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None  # FLUX_PROXY_ADMIN_KEY: guards /admin and sees all
     key_secret: SecretStr | None = None  # FLUX_PROXY_KEY_SECRET: HMAC secret of key hashes
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "console"] = "json"
+    # auto: JSON lines when stdout is not a terminal (production), console when it is.
+    log_format: Literal["auto", "json", "console"] = "auto"
     models: list[str] = Field(default_factory=lambda: ["flux-dev"])
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     # name -> settings table; `kind` picks the adapter (defaults to the name).

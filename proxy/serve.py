@@ -45,9 +45,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from proxy.config import Settings
 
 DEATH_WINDOW_S = 60.0
@@ -86,19 +88,49 @@ def run_server(settings: Settings, sock: socket.socket | None = None) -> None:
     app = create_app(settings, migrate=migrate_here)
     http = protocol_class(header_timeout_s=settings.client_header_timeout_s,
                           body_timeout_s=settings.client_body_timeout_s)
+
+    class _AnnouncingServer(uvicorn.Server):
+        """uvicorn's server, logging `serve.listening` once its sockets are bound."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                log_listening([s for server in self.servers for s in server.sockets or ()],
+                              workers=1)
+
     if sock is None:
         # ws="none": no route takes a WebSocket, and uvicorn then imports no
         # websockets implementation (bench/RESULTS-speed.md "Idle RSS").
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                    access_log=False, proxy_headers=True, server_header=False, http=http,
-                    ws="none")
-        return
-    config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=True,
-                            server_header=False, http=http, ws="none")
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+        config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                log_level="warning", access_log=False, proxy_headers=True,
+                                server_header=False, http=http, ws="none")
+        server: uvicorn.Server = _AnnouncingServer(config)
+        with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+            server.run()
+    else:  # a worker of the supervisor, which said where it listens
+        config = uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=True,
+                                server_header=False, http=http, ws="none")
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
     if not server.started:
         sys.exit(3)  # uvicorn's "startup failed"
+
+
+def log_listening(sockets: Iterable[Any], workers: int, **extra: object) -> None:
+    """The start-up line, `serve.listening`: the address and port actually bound (the
+    port the kernel chose for `--port 0`), the URL to call and the server processes."""
+    from common.logging import get_logger
+
+    bound = [s.getsockname() for s in sockets if s.family in (socket.AF_INET, socket.AF_INET6)]
+    if not bound:
+        return
+    host, port = bound[0][0], bound[0][1]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    fields: dict[str, object] = {"host": host, "port": port, "url": url, "workers": workers}
+    if len(bound) > 1:  # a name that resolved to several addresses (localhost: v4 and v6)
+        fields["addresses"] = [f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+                               for a in bound]
+    get_logger("flux_proxy.serve").info("serve.listening", **fields, **extra)
 
 
 def migrate_database(settings: Settings) -> bool:
@@ -239,11 +271,10 @@ class Supervisor:
         handlers = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            host, port = self._sock.getsockname()[:2]
+            port = self._sock.getsockname()[1]
             self.workers = [_Worker(i, worker_instance_id(self.settings, i, port))
                             for i in range(self.settings.workers)]
-            self.log.info("serve.listening", host=host, port=port,
-                          workers=len(self.workers), metrics_dir=self._metrics_dir)
+            log_listening([self._sock], len(self.workers), metrics_dir=self._metrics_dir)
             for w in self.workers:
                 self._start(w)
             status = self._watch()

@@ -179,7 +179,12 @@ def test_serve_sizes_the_budgets_and_the_client_timeouts(monkeypatch: pytest.Mon
     from proxy.client_timeouts import ClientTimeoutProtocol
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:  # instead of serving
+        seen["http"] = server.config.http
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     for name in ("FLUX_PROXY_CONFIG", "FLUX_PROXY_MAX_INFLIGHT_DOWNLOAD_BYTES"):
         monkeypatch.delenv(name, raising=False)
     before = (budget_mod.downloads().capacity, budget_mod.decoding().capacity)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from providers.simulators import SimulatorServer
@@ -78,7 +79,7 @@ async def test_wasted_cost_nsfw_and_queue_wait_count_what_happened(
     assert failed["provider"] == "vibedream" and failed["cost_micro_usd"] == 20_000
     # Exactly the failed attempt's cost, once; the delivered one is not waste.
     assert value("flux_proxy_wasted_cost_usd_total", provider="vibedream",
-                 reason="failed_billed") - before_waste == 0.02
+                 reason="failed_billed") - before_waste == pytest.approx(0.02)
     assert value("flux_proxy_wasted_cost_usd_total", provider="wavespeed",
                  reason="hedge_lost") == before_lost
     assert value("flux_proxy_nsfw_images_total", provider="wavespeed") - before_nsfw == 1

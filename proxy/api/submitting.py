@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from proxy import uploads
 from proxy.accounts.auth import principal_of
 from proxy.accounts.budgets import BudgetExceeded
+from proxy.api import request_context
 from proxy.api.deps import Api
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.service import NoProvider, Unavailable
@@ -131,9 +132,13 @@ async def admit(
 
 
 async def finish_sync(api: Api, run: Run, timeout_s: float | None = None) -> bool:
-    """Wait for the terminal state (at most `sync_timeout_s`); True when it came."""
-    return await api.service.wait(run, api.settings.sync_timeout_s if timeout_s is None
+    """Wait for the terminal state (at most `sync_timeout_s`); True when it came. The
+    time the wait spent on upstream attempts is left out of the request's
+    x-flux-proxy-overhead-ms (api/request_context.py)."""
+    done = await api.service.wait(run, api.settings.sync_timeout_s if timeout_s is None
                                   else timeout_s)
+    request_context.waited_on(run)
+    return done
 
 
 # Every surface answers with these, so a caller of any wire format can find the

@@ -12,6 +12,7 @@ import dataclasses
 from datetime import datetime, timedelta
 from typing import Any
 
+from structlog.contextvars import bound_contextvars
 from tenacity import RetryError
 
 from common.clock import Clock
@@ -80,7 +81,8 @@ class Attempts:
                     return Outcome(False, provider=provider.name, error=str(refusal),
                                    kind=ErrorKind.BUDGET, final=True)
                 raise Canceled
-            return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
+            with bound_contextvars(provider=provider.name, attempt=attempt.seq):  # its log lines
+                return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
         finally:
             if attempt.completed_at is None:
                 provider.abandon()  # shutdown (or a store error) mid-attempt
@@ -94,7 +96,8 @@ class Attempts:
                 await self.end(run, attempt, None, "canceled", cost=0, error=cancel.reason)
                 provider.abandon()
                 raise Canceled
-            return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
+            with bound_contextvars(provider=provider.name, attempt=attempt.seq):  # its log lines
+                return await self._submit_and_follow(run, provider, gen, cancel, attempt, hold)
         finally:
             if attempt.completed_at is None:
                 provider.abandon()

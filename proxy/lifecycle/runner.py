@@ -13,6 +13,8 @@ import hashlib
 from datetime import timedelta
 from typing import Any
 
+from structlog.contextvars import bound_contextvars
+
 from common.clock import SYSTEM_CLOCK, Clock
 from common.logging import get_logger
 from providers.base import ErrorKind, GenerationRequest, JobStatus, Provider, UpstreamJob
@@ -150,9 +152,10 @@ class Runner:
             signal = CancelSignal()
             if run.cancel.is_set():
                 signal.fire(run.cancel.reason)
-            follows[asyncio.create_task(self.attempts.follow(
-                run, provider, attempt, gen, job, signal, read_back=attempt.status == "completed")
-            )] = signal
+            with bound_contextvars(provider=attempt.provider, attempt=attempt.seq):  # the task's
+                follows[asyncio.create_task(self.attempts.follow(
+                    run, provider, attempt, gen, job, signal,
+                    read_back=attempt.status == "completed"))] = signal
         if not follows:
             return last
         watcher = asyncio.create_task(propagate(run.cancel, list(follows.values())))

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from dataclasses import asdict
 from datetime import timedelta
 
+from structlog.contextvars import bound_contextvars
+
 from common.clock import SYSTEM_CLOCK, Clock
 from common.logging import get_logger
 from providers.base import GenerationRequest
@@ -169,7 +171,11 @@ class PredictionService:
     def _spawn(self, run: Run) -> None:
         self._runs[run.pred.id] = run
         metrics.PREDICTIONS_IN_FLIGHT.inc()
-        run.task = asyncio.create_task(self.runner.drive(run), name=f"prediction-{run.pred.id}")
+        # Every line its task logs (its attempts' and hedges' tasks copy the context)
+        # names the prediction and its key; a submit's also the request id.
+        with bound_contextvars(**log_context(run)):
+            run.task = asyncio.create_task(self.runner.drive(run),
+                                           name=f"prediction-{run.pred.id}")
 
         def _done(_: asyncio.Task[None]) -> None:
             self._runs.pop(run.pred.id, None)
@@ -270,9 +276,11 @@ class PredictionService:
             if admitted is not None and run.admitted is None:
                 admitted.abandon()  # nothing was written: its slot comes back
         metrics.PREDICTIONS_ACCEPTED.labels(pred.model, surface).inc()
-        log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
-                 model=pred.model, surface=surface, mode=gen.mode, num_images=gen.num_images,
-                 sync=gen.enable_sync_mode, provider=admitted.name if admitted else None)
+        with bound_contextvars(**log_context(run)):
+            log.info("prediction.queued", prediction_id=pred.id, api_key_id=principal.key_id,
+                     model=pred.model, surface=surface, mode=gen.mode,
+                     num_images=gen.num_images, sync=gen.enable_sync_mode,
+                     provider=admitted.name if admitted else None)
         self._spawn(run)
         return run
 
@@ -344,6 +352,13 @@ class PredictionService:
         key = await self.store.find_key(pred.api_key_id) if pred.api_key_id else None
         # Resumed: holds may exist from before (its ends look for them).
         self._spawn(Run(pred=pred, attempts=found[1], key=key, holds=True))
+
+
+def log_context(run: Run) -> dict[str, str]:
+    """The fields every log line about `run` carries (structlog contextvars)."""
+    if run.key is None:
+        return {"prediction_id": run.pred.id}
+    return {"prediction_id": run.pred.id, "key_name": run.key.name}
 
 
 def _orphaned(pred: Prediction) -> bool:
