@@ -10,12 +10,16 @@ RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flux \
-    && mkdir -p /data && chown flux:flux /data
+    && mkdir -p /data/media && chown -R flux:flux /data
 COPY --from=build /install /usr/local
 USER flux
 WORKDIR /home/flux
-# SQLite on a volume by default; set FLUX_PROXY_DATABASE_URL to a PostgreSQL URL to scale out.
+# SQLite and uploaded media on a volume by default; set FLUX_PROXY_DATABASE_URL to a
+# PostgreSQL URL (and share /data/media between replicas) to scale out. JSON logs even
+# when the container is given a TTY.
 ENV FLUX_PROXY_DATABASE_URL=sqlite+aiosqlite:////data/flux-proxy.db \
+    FLUX_PROXY_MEDIA_DIR=/data/media \
+    FLUX_PROXY_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
 VOLUME ["/data"]
 EXPOSE 8080
