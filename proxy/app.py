@@ -104,6 +104,7 @@ def create_app(
             instance_id=instance_id,
             lease_s=settings.lease_s,
             prediction_deadline_s=settings.prediction_deadline_s,
+            idempotency_ttl_s=settings.idempotency_ttl_s,
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()

@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     sync_timeout_s: float = Field(default=120.0, gt=0)
     # Bound on one prediction across all its attempts.
     prediction_deadline_s: float = Field(default=600.0, gt=0)
+    # How long an Idempotency-Key (and the prediction it made) is remembered per client key.
+    idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
     # Leases: a prediction driven by a process that stopped renewing is resumed elsewhere.
     lease_s: float = Field(default=30.0, gt=0)
     # Names this process in leases; a restart with the same id resumes its own

@@ -85,6 +85,8 @@ def refusal_error(refusal: Refusal) -> Response[dict[str, object]]:
                             headers=headers)
     if kind == "unsupported":
         return openai_error(400, refusal.message, code="unsupported_request")
+    if kind == "conflict":  # the SDK retries a 409, after Retry-After
+        return openai_error(409, refusal.message, code=refusal.code, headers=headers)
     # no_provider: nothing is enabled; no retry changes that.
     return openai_error(503, refusal.message, type_=SERVER, code="no_provider",
                         headers={**headers, **NO_RETRY})

@@ -59,7 +59,7 @@ class PredictionController(Controller):
                               description="sync mode: the terminal prediction"),
             202: ResponseSpec(data_container=PredictionView,
                               description="accepted (or still running after sync_timeout_s)"),
-            **_errors(400, 401, 402, 413, 422, 429, 503),
+            **_errors(400, 401, 402, 409, 413, 422, 429, 503),
         },
         summary="Create a prediction",
         description="202 with the queued prediction; with enable_sync_mode, 200 with the "
@@ -74,6 +74,8 @@ class PredictionController(Controller):
             return refusal_response(run)
         status = 202
         if parsed.enable_sync_mode and await finish_sync(api, run):
+            status = 200
+        if run.replayed:  # a repeat (same Idempotency-Key): the prediction as it now is
             status = 200
         view = prediction_view(run.pred, list(run.attempts), base_url(request, api.settings))
         return Response(view, status_code=status, headers=prediction_headers(run))

@@ -8,6 +8,7 @@ surface renders in its own error shape.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from proxy.accounts.auth import principal_of
 from proxy.accounts.budgets import BudgetExceeded
 from proxy.api import request_context
 from proxy.api.deps import Api
+from proxy.lifecycle.idempotency import IdempotencyInProgress, IdempotencyMismatch
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.service import NoProvider, Unavailable
 from proxy.schema import FieldError, GenerateRequest, field_errors, usd
@@ -35,6 +37,7 @@ RefusalKind = Literal[
     "unavailable",      # 503 + Retry-After: every eligible provider is open / cooling down
     "no_provider",      # 503: nothing is enabled at all
     "unsupported",      # 422: no enabled provider can serve this request
+    "conflict",         # 409: the Idempotency-Key's first request is still being admitted
 ]
 
 
@@ -94,11 +97,29 @@ def parse_native(raw: bytes, api: Api) -> GenerateRequest | Refusal:
     return check_names(req, api.settings.models, list(api.provider_settings)) or req
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")  # 1-255 printable ASCII
+
+
+def idempotency_key(request: Request[Any, Any, Any]) -> str | Refusal | None:
+    """The request's Idempotency-Key header, checked (None: it has none)."""
+    raw = request.headers.get(IDEMPOTENCY_HEADER)
+    if raw is None or _IDEMPOTENCY_KEY.fullmatch(raw):
+        return raw
+    return invalid(f"invalid {IDEMPOTENCY_HEADER} header", [FieldError(
+        field=IDEMPOTENCY_HEADER, reason="not a valid idempotency key", value=raw[:64],
+        allowed="1 to 255 printable ASCII characters")])
+
+
 async def admit(
     request: Request[Any, Any, Any], api: Api, req: GenerateRequest, *, surface: Surface
 ) -> Run | Refusal:
     """Rate limit, request images, then `service.submit` (routing, budget, the row).
-    The prediction is committed before this returns a Run."""
+    The prediction is committed before this returns a Run. With an Idempotency-Key,
+    a repeat of the same request returns the first's prediction (`run.replayed`)."""
+    key = idempotency_key(request)
+    if isinstance(key, Refusal):
+        return key
     principal = principal_of(request)
     if principal.key is not None:
         wait = await api.auth.rate_limit(principal.key)
@@ -117,7 +138,14 @@ async def admit(
     if bad_images:
         return invalid("request validation failed", bad_images)
     try:
-        return await api.service.submit(req, principal, surface=surface)
+        return await api.service.submit(req, principal, surface=surface, idempotency_key=key)
+    except IdempotencyMismatch as exc:
+        return Refusal("invalid", 422, str(exc), "idempotency_key_reused", [FieldError(
+            field=IDEMPOTENCY_HEADER, reason="already used for a different request",
+            value=exc.key)])
+    except IdempotencyInProgress as exc:
+        return Refusal("conflict", 409, str(exc), "idempotency_key_in_use",
+                       headers={"Retry-After": "1"})
     except BudgetExceeded as exc:
         return Refusal("budget", 402, str(exc), "budget_exceeded")
     except Unavailable as exc:

@@ -309,7 +309,7 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
       guards=[require_key], summary="VibeDream: submit a generation",
       responses={200: ResponseSpec(data_container=VibeDreamSubmitted, generate_examples=False,
                                    description="accepted: poll statusUrl"),
-                 **_errors(400, 401, 402, 404, 413, 422, 429, 503)})
+                 **_errors(400, 401, 402, 404, 409, 413, 422, 429, 503)})
 async def generate(request: Request[Any, Any, Any], model: FromPath[str],
                    api: ApiDep) -> Response[Any]:
     if model not in api.settings.models:

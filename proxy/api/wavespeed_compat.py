@@ -93,6 +93,8 @@ def refusal_error(refusal: Refusal) -> Response[Any]:
         return ws_error(429, f"Too many requests: {refusal.message}", headers=headers)
     if kind == "budget":
         return ws_error(402, f"Insufficient balance: {refusal.message}", headers=headers)
+    if kind == "conflict":
+        return ws_error(409, refusal.message, headers=headers)
     return ws_error(503, f"Service temporarily unavailable: {refusal.message}",
                     headers=headers)  # unavailable, no_provider
 

@@ -120,6 +120,8 @@ class Run:
     admitted_hold: Hold | None = None
     delivered: Attempt | None = None  # the attempt whose images the client got
     wasted: set[int] = field(default_factory=set)  # attempt ids counted as wasted cost
+    # A repeat of an earlier request (same Idempotency-Key): a view, not driven by it.
+    replayed: bool = False
 
 
 @dataclass(slots=True)

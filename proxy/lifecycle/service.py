@@ -22,11 +22,13 @@ from providers.base import GenerationRequest
 from proxy import metrics
 from proxy.accounts.auth import Principal
 from proxy.accounts.budgets import Budgets
+from proxy.lifecycle import idempotency
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.runner import Runner
 from proxy.routing import Plan, Router
 from proxy.schema import MAX_SEED, GenerateRequest
 from proxy.store.budget import BudgetRefused
+from proxy.store.idempotency import Claim, IdempotencyHit, KeyHit
 from proxy.store.models import TERMINAL_STATUSES, Attempt, Prediction, utcnow
 from proxy.store.repo import Store
 
@@ -71,6 +73,7 @@ class PredictionService:
         instance_id: str,
         lease_s: float = 30.0,
         prediction_deadline_s: float = 600.0,
+        idempotency_ttl_s: float = 86_400.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
@@ -81,6 +84,7 @@ class PredictionService:
         self.budgets = Budgets(store)
         self.runner = Runner(store, router, prediction_deadline_s, clock, self.budgets)
         self.prediction_deadline_s = prediction_deadline_s
+        self.idempotency_ttl_s = idempotency_ttl_s
         self._holds_swept_at = float("-inf")
         self._budgets_published_at: float | None = None
         self._runs: dict[str, Run] = {}
@@ -148,14 +152,17 @@ class PredictionService:
 
     async def _release_stale_holds(self) -> None:
         """About once a minute: budget holds of attempts whose process died after
-        their prediction ended (a hedge loser). No attempt outlives its prediction's
-        deadline, so a hold older than that holds nothing real."""
+        their prediction ended (a hedge loser; no attempt outlives its prediction's
+        deadline, so a hold older than that holds nothing real), and expired
+        idempotency keys (a claim replaces an expired one anyway: this bounds the table)."""
         if self.clock.monotonic() - self._holds_swept_at < 60:
             return
         self._holds_swept_at = self.clock.monotonic()
         cutoff = utcnow() - timedelta(seconds=self.prediction_deadline_s)
         if released := await self.store.release_stale_holds(cutoff):
             log.info("budget.stale_holds_released", count=released)
+        if swept := await self.store.sweep_idempotency(utcnow()):
+            log.info("idempotency.keys_swept", count=swept)
 
     async def _claim_orphans(self, *, include_own: bool) -> int:
         preds = await self.store.claim_resumable(
@@ -227,12 +234,19 @@ class PredictionService:
         return plan
 
     async def submit(self, req: GenerateRequest, principal: Principal | None = None, *,
-                     surface: str = "native") -> Run:
+                     surface: str = "native", idempotency_key: str | None = None) -> Run:
         """Validate routing and budget, commit the row, start driving it.
         Raises NoProvider or BudgetExceeded before anything is written.
         `surface`: the wire format the request came in (kept with the request, a
-        metrics label)."""
+        metrics label). With `idempotency_key`, a repeat of the same request (same
+        key, client key and surface) returns the prediction the first made, marked
+        `replayed`, and submits nothing; IdempotencyMismatch for a different
+        request, IdempotencyInProgress when its prediction cannot be read."""
         principal = principal or Principal()
+        claim = None if idempotency_key is None else idempotency.make_claim(
+            req, principal, surface, idempotency_key, self.idempotency_ttl_s)
+        if claim and (hit := await self.store.find_idempotency(claim.scope, claim.key)):
+            return await self._replay(hit, claim, principal)
         seed = req.seed if req.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         gen = req.to_generation(seed)
         plan = self.plan_check(gen, req.model, req.providers)
@@ -258,7 +272,7 @@ class PredictionService:
         admitted = self.runner.acquire(plan.providers)
         try:
             if admitted is None:
-                pred = await self.store.create_prediction(pred, hold)
+                pred = await self.store.create_prediction(pred, hold, claim)
             else:
                 pred.status, pred.started_at = "processing", now
                 attempt = Attempt(prediction_id=pred.id, seq=1, provider=admitted.name,
@@ -266,9 +280,12 @@ class PredictionService:
                 run.admitted_hold = self.budgets.hold(
                     key, self.router.expected_cost(admitted, gen))
                 pred = await self.store.create_with_attempt(pred, attempt, hold,
-                                                            run.admitted_hold)
+                                                            run.admitted_hold, claim)
                 run.attempts.append(attempt)
                 run.admitted = admitted
+        except IdempotencyHit as exc:  # a concurrent repeat claimed the key first
+            assert claim is not None
+            return await self._replay(exc.hit, claim, principal)
         except BudgetRefused as exc:
             assert key is not None
             raise self.budgets.refused(key, exc) from None
@@ -284,8 +301,16 @@ class PredictionService:
         self._spawn(run)
         return run
 
+    async def _replay(self, hit: KeyHit, claim: Claim, principal: Principal) -> Run:
+        local = self._runs.get(hit.prediction_id) or self._recent_run(hit.prediction_id)
+        return await idempotency.replay(self.store, hit, claim, principal, local)
+
     async def wait(self, run: Run, timeout_s: float) -> bool:
-        """True when the prediction reached a terminal state within the timeout."""
+        """True when the prediction reached a terminal state within the timeout (a
+        repeat's run this process does not drive: by reading the store)."""
+        live = self._runs.get(run.pred.id)
+        if run.replayed and not run.done.is_set() and (live is None or live.done is not run.done):
+            return await idempotency.poll_until_terminal(self.store, run, timeout_s)
         try:
             await asyncio.wait_for(run.done.wait(), timeout=timeout_s)
         except TimeoutError:

@@ -19,10 +19,12 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
 
+from proxy.store._memory_idempotency import MemoryIdempotencyMixin
 from proxy.store._memory_keys import MemoryKeysMixin
 from proxy.store._memory_rows import ATTEMPTS, PREDICTIONS, Row, integrity_error, turn, utc
 from proxy.store._sql import checked_fields, prediction_end
 from proxy.store.budget import _RUNNING, BudgetRefused, Hold
+from proxy.store.idempotency import Claim
 from proxy.store.leases import ACTIVE_STATUSES, _check_lease
 from proxy.store.models import (
     ATTEMPT_STATUSES,
@@ -34,7 +36,7 @@ from proxy.store.models import (
 from proxy.store.repo import _UNSET, decode_cursor, encode_cursor
 
 
-class MemoryStore(MemoryKeysMixin):
+class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
     """Predictions, attempts, budget holds, keys and meta values in dicts."""
 
     backend = "memory"
@@ -66,8 +68,10 @@ class MemoryStore(MemoryKeysMixin):
 
     # -- predictions -------------------------------------------------------
 
-    async def create_prediction(self, p: Prediction, hold: Hold | None = None) -> Prediction:
+    async def create_prediction(self, p: Prediction, hold: Hold | None = None,
+                                claim: Claim | None = None) -> Prediction:
         await turn()
+        self._check_claim(claim)  # first, as in SQL: a taken key holds nothing
         row = PREDICTIONS.row(p)
         if hold is not None:
             self._check_hold(hold, p.id, 0)
@@ -76,12 +80,15 @@ class MemoryStore(MemoryKeysMixin):
         if hold is not None:
             self._take_hold(hold, p.id, 0)
         self._predictions[p.id] = row
+        self._take_claim(claim, p.id)
         self._wrote("create_prediction")
         return p
 
     async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
-                                  attempt_hold: Hold | None = None) -> Prediction:
+                                  attempt_hold: Hold | None = None,
+                                  claim: Claim | None = None) -> Prediction:
         await turn()
+        self._check_claim(claim)
         row = PREDICTIONS.row(p)
         if hold is not None:
             self._check_hold(hold, p.id, 0)
@@ -101,6 +108,7 @@ class MemoryStore(MemoryKeysMixin):
             self._take_hold(attempt_hold, p.id, a.seq)
             a.reserved_micro_usd = attempt_hold.amount_micro_usd
         self._insert_attempt(a, attempt_row)
+        self._take_claim(claim, p.id)
         self._wrote("create_with_attempt")
         return p
 

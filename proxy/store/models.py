@@ -187,3 +187,20 @@ class Meta(SQLModel, table=True):
 
     name: str = Field(primary_key=True, max_length=64)
     value: str
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A client's Idempotency-Key, kept until `expires_at`: a repeat of the request
+    answers the prediction it made. Inserted in the prediction's own transaction."""
+
+    __tablename__ = "idempotency_keys"
+
+    # The client key's id; "" for the admin key and for auth off (one shared scope).
+    api_key_id: str = Field(primary_key=True, max_length=64)
+    key: str = Field(primary_key=True, max_length=255)
+    request_hash: str = Field(max_length=64)  # SHA-256 of surface + canonical request
+    prediction_id: str = Field(max_length=36)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
+    )
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

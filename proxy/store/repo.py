@@ -31,6 +31,7 @@ from proxy.store.attempt_writes import AttemptWritesMixin
 from proxy.store.budget import BudgetMixin, Hold
 from proxy.store.db import create_engine, is_sqlite_file, sqlite_writer_engine
 from proxy.store.group_commit import GroupCommit
+from proxy.store.idempotency import Claim, IdempotencyHit, IdempotencyMixin, KeyHit
 from proxy.store.keys import KeysMixin
 from proxy.store.leases import ACTIVE_STATUSES, LeaseMixin
 from proxy.store.models import (
@@ -62,7 +63,8 @@ def decode_cursor(cursor: str) -> str:
     return value
 
 
-class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
+class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
+            IdempotencyMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False,
@@ -124,26 +126,37 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
 
     # -- predictions -------------------------------------------------------
 
-    async def create_prediction(self, p: Prediction, hold: Hold | None = None) -> Prediction:
+    async def create_prediction(self, p: Prediction, hold: Hold | None = None,
+                                claim: Claim | None = None) -> Prediction:
         """Insert `p`; it is committed when this returns. With `hold`, the key's
-        budget is reserved in the same transaction (BudgetRefused: nothing written)."""
-        def op(session: Tx) -> None:
+        budget is reserved in the same transaction (BudgetRefused: nothing written).
+        With `claim`, its idempotency key is taken in it first (IdempotencyHit: the
+        key is another prediction's, nothing written)."""
+        def op(session: Tx) -> KeyHit | None:
+            if claim is not None and (hit := self._claim_key(session, claim, p.id)):
+                return hit
             if hold is not None:
                 self._hold(session, hold, p.id, 0)
             session.execute(insert(PREDICTIONS).values(row_values(p)))
+            return None
 
-        await self._commit(op, alone=hold is not None)
+        if hit := await self._commit(op, alone=hold is not None):
+            raise IdempotencyHit(hit)
         self._wrote("create_prediction")
         return p
 
     async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
-                                  attempt_hold: Hold | None = None) -> Prediction:
+                                  attempt_hold: Hold | None = None,
+                                  claim: Claim | None = None) -> Prediction:
         """Admission and the first attempt's row in ONE transaction: `p` (already
         `processing`) and `a` (`submitting`) are committed together before the
         submit, with the admission hold (seq 0) and the attempt's own (seq 1)
-        taken in it (BudgetRefused: nothing written). A crash after it resumes as
-        one after `begin_attempt`: the attempt is closed outcome-unknown."""
-        def op(session: Tx) -> None:
+        taken in it (BudgetRefused: nothing written), and `claim` as in
+        `create_prediction`. A crash after it resumes as one after
+        `begin_attempt`: the attempt is closed outcome-unknown."""
+        def op(session: Tx) -> KeyHit | None:
+            if claim is not None and (hit := self._claim_key(session, claim, p.id)):
+                return hit
             if hold is not None:
                 self._hold(session, hold, p.id, 0)
             session.execute(insert(PREDICTIONS).values(row_values(p)))
@@ -151,8 +164,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin):
                 self._hold(session, attempt_hold, p.id, a.seq)
                 a.reserved_micro_usd = attempt_hold.amount_micro_usd
             self._insert_attempt(session, a)
+            return None
 
-        await self._commit(op, alone=hold is not None or attempt_hold is not None)
+        if hit := await self._commit(op, alone=hold is not None or attempt_hold is not None):
+            raise IdempotencyHit(hit)
         self._wrote("create_with_attempt")
         return p
 
