@@ -82,6 +82,9 @@ async def test_guarded_operations_and_only_those_declare_bearer_security(
     create = spec["paths"]["/v1/predictions"]["post"]
     props = create["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"prompt", "size", "enable_sync_mode", "enable_base64_output"} <= set(props)
+    # So a generated client can send it.
+    assert {"name": "Idempotency-Key", "in": "header"}.items() <= next(
+        p for p in create["parameters"] if p["name"] == "Idempotency-Key").items()
 
 
 async def test_a_route_added_later_is_secured_from_its_guard_alone() -> None:

@@ -13,7 +13,14 @@ from proxy.accounts.auth import principal_of, require_key
 from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response, refusal_response
 from proxy.api.render import base_url, prediction_view
-from proxy.api.submitting import Refusal, admit, finish_sync, parse_native, prediction_headers
+from proxy.api.submitting import (
+    IDEMPOTENCY_HEADER,
+    Refusal,
+    admit,
+    finish_sync,
+    parse_native,
+    prediction_headers,
+)
 from proxy.lifecycle.service import Conflict, NotFound
 from proxy.schema import (
     ErrorResponse,
@@ -42,6 +49,12 @@ class _CreateOperation(Operation):
             "required": True,
             "content": {"application/json": {"schema": GenerateRequest.model_json_schema()}},
         }
+        out.setdefault("parameters", []).append({
+            "name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+            "description": "A repeat with the same key and body returns the first request's "
+            "prediction (200) instead of a new one; the same key with another body is a 422. "
+            "Scoped to the client key, kept idempotency_ttl_s.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255}})
         return out
 
 

@@ -23,6 +23,7 @@ from proxy import metrics
 from proxy.accounts.auth import Principal
 from proxy.accounts.budgets import Budgets
 from proxy.lifecycle import idempotency
+from proxy.lifecycle.errors import Conflict, NoProvider, NotFound, Unavailable
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.runner import Runner
 from proxy.routing import Plan, Router
@@ -36,32 +37,6 @@ log = get_logger("flux_proxy.service")
 # Ended predictions kept for GETs without a query: a few seconds' worth at a high rate.
 RECENT_MAX = 2_000
 RECENT_TTL_S = 30.0
-
-
-class NoProvider(Exception):
-    """No enabled provider can serve the request; `reasons` says why per provider."""
-
-    def __init__(self, message: str, reasons: dict[str, str], *, configured: bool) -> None:
-        super().__init__(message)
-        self.reasons = reasons
-        self.configured = configured  # False: nothing is enabled at all (a 503)
-
-
-class Unavailable(Exception):
-    """Every provider that could serve the request is open or rate-limited for
-    longer than routing.unavailable_wait_s: answer 503 with Retry-After."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class NotFound(Exception):
-    pass
-
-
-class Conflict(Exception):
-    pass
 
 
 class PredictionService:
