@@ -70,6 +70,29 @@ async def test_repeat_is_the_same_prediction_with_its_current_state(
     assert wavespeed_sim.stats["submits"] == 2
 
 
+async def test_a_repeat_does_not_count_against_the_rate_limit(
+    tmp_path: Path, wavespeed_sim: SimulatorServer
+) -> None:
+    """A client retrying after a lost answer gets its prediction, not a 429."""
+    settings = make_settings(tmp_path, {"wavespeed": wavespeed_sim}, auth_enabled=True,
+                             admin_key=ADMIN)
+    async with running_proxy(settings) as c:
+        made = await c.post("/admin/keys", json={"name": "slow-lane", "rate": "1/m",
+                                                 "burst": 1},
+                            headers={"Authorization": f"Bearer {ADMIN}"})
+        auth = {"Authorization": f"Bearer {made.json()['key']}"}
+        first = await c.post("/v1/predictions", json=BODY, headers=key("retry-1", **auth))
+        assert first.status_code == 202, first.text
+        for _ in range(3):
+            again = await c.post("/v1/predictions", json=BODY, headers=key("retry-1", **auth))
+            assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        # A new request is still limited.
+        new = await c.post("/v1/predictions", json=BODY, headers=key("retry-2", **auth))
+        assert new.status_code == 429
+        await wait_terminal(c, first.json()["id"], headers=auth)
+    assert wavespeed_sim.stats["submits"] == 1
+
+
 async def test_concurrent_sync_repeats_wait_for_the_one_prediction(
     settings: Any, wavespeed_sim: SimulatorServer
 ) -> None:

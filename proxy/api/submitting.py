@@ -116,11 +116,21 @@ async def admit(
 ) -> Run | Refusal:
     """Rate limit, request images, then `service.submit` (routing, budget, the row).
     The prediction is committed before this returns a Run. With an Idempotency-Key,
-    a repeat of the same request returns the first's prediction (`run.replayed`)."""
+    a repeat of the same request returns the first's prediction (`run.replayed`),
+    without counting against the key's rate limit."""
     key = idempotency_key(request)
     if isinstance(key, Refusal):
         return key
     principal = principal_of(request)
+    if key is not None:  # a repeat is answered from the first: no rate limit, no checks
+        try:
+            replayed = await api.service.find_replay(req, principal, surface=surface,
+                                                     idempotency_key=key)
+        except IdempotencyInProgress as exc:
+            return Refusal("conflict", 409, str(exc), "idempotency_key_in_use",
+                           headers={"Retry-After": "1"})
+        if replayed is not None:
+            return replayed
     if principal.key is not None:
         wait = await api.auth.rate_limit(principal.key)
         if wait is not None:

@@ -276,6 +276,18 @@ class PredictionService:
         self._spawn(run)
         return run
 
+    async def find_replay(self, req: GenerateRequest, principal: Principal, *, surface: str,
+                          idempotency_key: str) -> Run | None:
+        """The first prediction when this very request was made before under the key;
+        None otherwise (`submit` tells a different request apart, after the checks that
+        may rewrite it, such as upload URLs). Lets a repeat skip rate limits and checks."""
+        claim = idempotency.make_claim(req, principal, surface, idempotency_key,
+                                       self.idempotency_ttl_s)
+        hit = await self.store.find_idempotency(claim.scope, claim.key)
+        if hit is None or hit.request_hash != claim.request_hash:
+            return None
+        return await self._replay(hit, claim, principal)
+
     async def _replay(self, hit: KeyHit, claim: Claim, principal: Principal) -> Run:
         local = self._runs.get(hit.prediction_id) or self._recent_run(hit.prediction_id)
         return await idempotency.replay(self.store, hit, claim, principal, local)
