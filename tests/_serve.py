@@ -62,16 +62,22 @@ def serving(settings: Settings,
     `transports`: per provider name, the transport its adapter uses (create_app's)."""
     from proxy.app import create_app
 
+    with serving_app(create_app(settings, transports=transports), "proxy") as url:
+        yield url
+
+
+@contextmanager
+def serving_app(app: Any, name: str = "app") -> Iterator[str]:
+    """Any ASGI app under a real uvicorn in a thread, on a free loopback port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, transports=transports),
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 20
         while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "proxy did not start"
+            assert thread.is_alive() and time.monotonic() < deadline, f"{name} did not start"
             time.sleep(0.05)
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

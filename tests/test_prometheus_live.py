@@ -24,9 +24,7 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,14 +35,13 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from providers.simulators import SimulatorServer
 from worker.app import create_worker_app
 from worker.settings import WorkerSettings
 from worker.testing import FakeEngine
 
-from ._serve import free_port, serving
+from ._serve import free_port, serving, serving_app
 from .conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,22 +178,8 @@ def worker_server(engine: FakeEngine) -> Iterator[str]:
     """The local worker app (fake engine: no torch) under uvicorn on loopback."""
     settings = WorkerSettings(safety_checker="none", warmup=False, batch_window_ms=0,
                               max_batch_size=1, max_queue=1, log_level="warning")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_worker_app(settings, engine=engine),
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "worker did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving_app(create_worker_app(settings, engine=engine), "worker") as url:
+        yield url
 
 
 def fill_the_worker_queue(url: str) -> None:
