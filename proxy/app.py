@@ -12,6 +12,7 @@ from litestar import Litestar
 from litestar.config.compression import CompressionConfig
 from litestar.exceptions import HTTPException
 
+from common import media
 from common.logging import configure_logging, get_logger, register_secrets
 from providers.base import Provider, ProviderSettings
 from providers.registry import build_provider
@@ -25,11 +26,14 @@ from proxy.api.errors import http_exception_handler, internal_error_handler
 from proxy.api.middleware import HttpMetrics, SmallBodyCompression
 from proxy.api.openapi import openapi_config
 from proxy.api.predictions import PredictionController
+from proxy.api.render import webhook_body
 from proxy.api.request_context import RequestContext
 from proxy.api.spend import spend
 from proxy.api.system import healthz, list_models, metrics_page, readyz
+from proxy.api.webhooks_admin import AdminWebhooksController
 from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
+from proxy.lifecycle.webhooks import WebhookConfig, WebhookDispatcher
 from proxy.routing import Router
 from proxy.routing.instrumented import InstrumentedProvider
 from proxy.store.repo import Store
@@ -78,6 +82,18 @@ def _health_sync(router: Router, shared: SharedRedis, instance_id: str) -> Healt
     return HealthSync(router.health, shared, instance_id)
 
 
+def _webhooks(settings: Settings, store: Store, instance_id: str) -> WebhookDispatcher:
+    guard = media.OutboundGuard(allow_private=settings.webhook_allow_private,
+                                allowed_hosts=tuple(settings.webhook_allowed_hosts))
+    keyless = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    config = WebhookConfig(
+        timeout_s=settings.webhook_timeout_s, retry_window_s=settings.webhook_retry_window_s,
+        backoff_s=settings.webhook_backoff_s, backoff_max_s=settings.webhook_backoff_max_s,
+        lease_s=max(60.0, 3 * settings.webhook_timeout_s), keyless_secret=keyless)
+    return WebhookDispatcher(store, webhook_body, instance_id=instance_id, guard=guard,
+                             config=config)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -108,6 +124,9 @@ def create_app(
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()
+        webhooks = _webhooks(settings, store, instance_id)
+        service.on_change = webhooks.nudge
+        app.state.webhooks = webhooks
         # Shared by every process and replica (README "Several processes"); redis is
         # imported only when it is configured.
         shared = _open_shared(settings.redis_url.get_secret_value()) if settings.redis_url \
@@ -127,6 +146,7 @@ def create_app(
         if health_sync is not None:
             await health_sync.start()
         await service.start()
+        await webhooks.start()
         log.info("proxy.started", instance_id=instance_id, providers=router.enabled,
                  disabled=disabled, database=store.safe_url, auth=settings.auth_enabled,
                  key_hash_secret=app.state.auth.secret_source,
@@ -140,6 +160,7 @@ def create_app(
             yield
         finally:
             await service.stop()
+            await webhooks.stop()
             if health_sync is not None:
                 await health_sync.stop()
             if shared is not None:
@@ -155,6 +176,7 @@ def create_app(
     }
     app = Litestar(
         route_handlers=[PredictionController, list_models, spend, AdminKeysController,
+                        AdminWebhooksController,
                         healthz, readyz, metrics_page,
                         # Compatibility surfaces: other wire formats onto the same service.
                         *openai_compat.HANDLERS, *wavespeed_compat.HANDLERS,

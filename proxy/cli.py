@@ -102,10 +102,11 @@ def _print_keys(rows: list[dict[str, Any]]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
 
 
-def _created(name: str, key_id: str, key: str) -> None:
+def _created(name: str, key_id: str, key: str, webhook_secret: str | None) -> None:
     click.echo(f"created {name} ({key_id})")
     click.echo(f"key: {key}")
-    click.echo("store it now: it is not shown again", err=True)
+    click.echo(f"webhook signing secret: {webhook_secret}")
+    click.echo("store them now: they are not shown again", err=True)
 
 
 @main.group()
@@ -147,7 +148,7 @@ def keys_create(name: str, budget_usd: str | None, period: str | None, rate: str
     if url is not None:
         made = _Proxy(url, admin_key).call(
             "POST", "/admin/keys", ok=201, json=spec.model_dump(mode="json", exclude_none=True))
-        _created(made["name"], made["id"], made["key"])
+        _created(made["name"], made["id"], made["key"], made.get("webhook_secret"))
         return
 
     async def create(store: Store, settings: Settings) -> None:
@@ -157,7 +158,7 @@ def keys_create(name: str, budget_usd: str | None, period: str | None, rate: str
         except DuplicateKeyName as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(f"key hash secret: {auth.secret_source}", err=True)
-        _created(row.name, row.id, key)
+        _created(row.name, row.id, key, row.webhook_secret)
 
     _run_with_store(create)
 
@@ -176,6 +177,41 @@ def keys_list(url: str | None, admin_key: str | None) -> None:
         _print_keys([key_view(k) for k in await store.list_keys()])
 
     _run_with_store(show)
+
+
+@keys.command("webhook-secret")
+@click.argument("key")
+@_remote_options
+def keys_webhook_secret(key: str, url: str | None, admin_key: str | None) -> None:
+    """Rotate a key's webhook signing secret (by id or name) and print the new one;
+    the old one keeps signing for webhook_secret_grace_s."""
+    from urllib.parse import quote
+
+    if url is not None:
+        row = _Proxy(url, admin_key).call("POST",
+                                          f"/admin/keys/{quote(key, safe='')}/webhook-secret")
+        _rotated(row["name"], row["webhook_secret"], row["webhook_previous_secret_until"])
+        return
+
+    async def rotate(store: Store, settings: Settings) -> None:
+        row = await store.find_key(key)
+        if row is None:
+            raise click.ClickException(f"no key {key}")
+        if row.revoked_at is not None:
+            raise click.ClickException(f"key {row.name} is revoked")
+        rotated = await _auth(store, settings).rotate_webhook_secret(
+            row, settings.webhook_secret_grace_s)
+        until = rotated.webhook_secret_prev_until
+        _rotated(rotated.name, rotated.webhook_secret, until.isoformat() if until else None)
+
+    _run_with_store(rotate)
+
+
+def _rotated(name: str, secret: str | None, previous_until: str | None) -> None:
+    click.echo(f"webhook signing secret of {name}: {secret}")
+    if previous_until:
+        click.echo(f"the previous secret also signs until {previous_until}", err=True)
+    click.echo("store it now: it is not shown again", err=True)
 
 
 @keys.command("revoke")

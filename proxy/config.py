@@ -92,6 +92,22 @@ class Settings(BaseSettings):
     prediction_deadline_s: float = Field(default=600.0, gt=0)
     # How long an Idempotency-Key (and the prediction it made) is remembered per client key.
     idempotency_ttl_s: float = Field(default=86_400.0, gt=0)
+    # Webhooks (proxy/lifecycle/webhooks.py): each POST may take webhook_timeout_s; a
+    # delivery that keeps failing is retried (backoff from webhook_backoff_s, doubling
+    # up to webhook_backoff_max_s) for webhook_retry_window_s after its first try.
+    # Webhook URLs must be public addresses unless webhook_allow_private (tests,
+    # on-prem receivers); webhook_allowed_hosts, when set, also limits the hosts.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_retry_window_s: float = Field(default=24 * 3600.0, gt=0)
+    webhook_backoff_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=600.0, gt=0)
+    webhook_allow_private: bool = False
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    # Signs the webhooks of predictions made without a client key (admin key, auth
+    # off); a client key's own secret signs its predictions'. A rotated key secret
+    # keeps signing too for webhook_secret_grace_s (both signatures are sent).
+    webhook_secret: SecretStr | None = None
+    webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
     # Leases: a prediction driven by a process that stopped renewing is resumed elsewhere.
     lease_s: float = Field(default=30.0, gt=0)
     # Names this process in leases; a restart with the same id resumes its own

@@ -56,6 +56,11 @@ ALLOWED: dict[str, str] = {
     "enable_safety_checker": "true or false",
     "enable_sync_mode": "true or false",
     "providers": "a non-empty list of provider names from GET /v1/models, tried in that order",
+    "webhook": (
+        "an http(s) URL (no user:password@) of a host the proxy may reach: public "
+        "addresses only unless webhook_allow_private is set"
+    ),
+    "webhook_events_filter": "a non-empty list of start, output, completed (default [completed])",
 }
 
 
@@ -106,6 +111,13 @@ def redact_image_ref(value: Any) -> Any:
     return value
 
 
+WebhookEvent = Literal["start", "output", "completed"]
+
+
+def _completed_only() -> list[WebhookEvent]:
+    return ["completed"]
+
+
 class GenerateRequest(BaseModel):
     """POST /v1/predictions. Every input of both seeds, with their defaults."""
 
@@ -127,6 +139,11 @@ class GenerateRequest(BaseModel):
     enable_sync_mode: bool = False
     # Pin or exclude: only these providers, in this order (replaces the route's chain).
     providers: list[str] | None = Field(default=None, min_length=1, max_length=16)
+    # Replicate's webhooks: the prediction is POSTed there, signed (Standard Webhooks),
+    # on each of these events; the address rules are checked at admission.
+    webhook: str | None = Field(default=None, max_length=IMAGE_URL_MAX_CHARS)
+    webhook_events_filter: list[WebhookEvent] = Field(
+        default_factory=_completed_only, min_length=1, max_length=3)
 
     @field_validator("prompt")
     @classmethod
@@ -151,6 +168,26 @@ class GenerateRequest(BaseModel):
     def _providers(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and len(set(v)) != len(v):
             raise ValueError("providers must not repeat a name")
+        return v
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not re.match(r"^https?://", v, re.IGNORECASE):
+            raise ValueError("must be an http(s) URL")
+        try:
+            media.parse_http_url(v)
+        except media.MediaError as exc:
+            raise ValueError(exc.reason) from exc
+        return v
+
+    @field_validator("webhook_events_filter")
+    @classmethod
+    def _events(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("webhook_events_filter must not repeat an event")
         return v
 
     @model_validator(mode="after")

@@ -114,8 +114,20 @@ def test_keys_create_list_revoke_and_spend(tmp_path: Path) -> None:
         [(stored,)] = conn.execute("select key_hash from api_keys").fetchall()
     assert key not in stored and len(stored) == 64
 
+    # The webhook signing secret: shown at creation, rotated on demand, never listed.
+    secret = next(line.split()[-1] for line in made.stdout.splitlines()
+                  if line.startswith("webhook signing secret:"))
+    rotated = cli("keys", "webhook-secret", "app-a")
+    assert rotated.returncode == 0, rotated.stderr
+    new_secret = rotated.stdout.split()[-1]
+    assert secret.startswith("whsec_") and new_secret.startswith("whsec_")
+    assert new_secret != secret and "previous secret also signs" in rotated.stderr
+    assert secret not in cli("keys", "list").stdout and new_secret not in listed.stdout
+    assert cli("keys", "webhook-secret", "nobody").returncode != 0
+
     assert cli("keys", "revoke", "app-a").returncode == 0
     assert cli("keys", "revoke", "app-a").returncode != 0
+    assert cli("keys", "webhook-secret", "app-a").returncode != 0  # revoked
 
     table = cli("spend", "--group-by", "key")
     assert table.returncode == 0 and "TOTAL" in table.stdout
@@ -229,6 +241,11 @@ def test_keys_and_spend_over_the_admin_api(
         assert as_csv.stdout.splitlines()[0].startswith("group,cost_usd,cost_micro_usd")
         by_key = invoke("spend", "--key", "app-a", "--url", url)
         assert by_key.exit_code == 2 and "--key" in by_key.stderr
+
+        assert "webhook signing secret: whsec_" in made.stdout
+        rotated = invoke("keys", "webhook-secret", "app-a", "--url", url)
+        assert rotated.exit_code == 0, rotated.output
+        assert rotated.stdout.startswith("webhook signing secret of app-a: whsec_")
 
         revoked = invoke("keys", "revoke", "app-a", "--url", url)
         assert revoked.exit_code == 0 and revoked.stdout.startswith("revoked app-a (key_")

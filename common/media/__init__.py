@@ -8,7 +8,7 @@ Public API (import from ``common.media``)::
     b64_to_data_uri, parse_data_uri, inspect_data_uri
     inspect_data_uri_bounded, data_uri_decode_cost
     host_matches, OutboundGuard, parse_http_url, parse_ip_literal, address_refusal
-    download, fetch_image
+    download, fetch_image, guarded_post
     budget (module): ByteBudget, holding, downloads, decoding, configure
 
 Memory: the process-wide byte budgets in ``budget`` bound the sum of download
@@ -46,6 +46,7 @@ from ._images import (
     sniff_format,
     to_data_uri,
 )
+from ._send import post as guarded_post
 from .budget import BudgetWait, ByteBudget, OverBudget, holding
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "download",
     "fetch_image",
     "format_for_mime",
+    "guarded_post",
     "holding",
     "host_matches",
     "inspect_data_uri",

@@ -24,6 +24,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 
 from common.logging import register_secrets
+from proxy.accounts import webhook_secrets
 from proxy.accounts.ratelimit import LocalRateLimiter, RateLimiter
 from proxy.store.models import ApiKey, utcnow
 from proxy.store.repo import Store
@@ -103,11 +104,22 @@ class Auth:
         return "FLUX_PROXY_KEY_SECRET" if self._configured_secret else "database"
 
     async def create(self, name: str, **fields: Any) -> tuple[str, ApiKey]:
-        """A new key: (the key itself, shown once; its stored row)."""
+        """A new key: (the key itself, shown once; its stored row, with its webhook
+        signing secret, also shown once)."""
         key = generate_key()
         row = ApiKey(id=new_key_id(), name=name, key_hash=hash_key(key, await self.secret()),
-                     prefix=key[:12], **fields)
+                     prefix=key[:12], webhook_secret=webhook_secrets.new_secret(), **fields)
         return key, await self.store.create_key(row)
+
+    async def rotate_webhook_secret(self, key: ApiKey, grace_s: float) -> ApiKey:
+        """A new signing secret for `key`'s webhooks; the old one signs too for
+        `grace_s`. The row as it now is (its new secret, shown once)."""
+        secret, previous, until = webhook_secrets.rotation(key, grace_s)
+        await self.store.set_webhook_secret(key.id, secret, previous, until)
+        self._cache.clear()  # the next request sees the new secret at once
+        row = await self.store.find_key(key.id)
+        assert row is not None
+        return row
 
     async def revoke(self, key_id: str) -> bool:
         revoked = await self.store.revoke_key(key_id)

@@ -62,4 +62,8 @@ def key_view(row: ApiKey) -> dict[str, Any]:
         "burst": row.burst,
         "created_at": row.created_at.isoformat(),
         "revoked_at": row.revoked_at.isoformat() if row.revoked_at else None,
+        # Never the secret itself: it is shown once, at creation or rotation.
+        "webhook_secret_set": bool(row.webhook_secret),
+        "webhook_previous_secret_until": (row.webhook_secret_prev_until.isoformat()
+                                          if row.webhook_secret_prev_until else None),
     }

@@ -1,4 +1,5 @@
-"""/admin/keys: create, list, revoke client keys (FLUX_PROXY_ADMIN_KEY only)."""
+"""/admin/keys: create, list, revoke client keys, rotate their webhook signing secrets
+(FLUX_PROXY_ADMIN_KEY only)."""
 
 from __future__ import annotations
 
@@ -37,11 +38,24 @@ class AdminKeysController(Controller):
             return error_response(409, str(exc))
         await api.service.budgets.publish(row)  # its budget gauges, from the start
         metrics.precreate_keys(api.service.router.enabled, api.settings.models, [row.name])
-        return Response({**key_view(row), "key": key}, status_code=201)
+        return Response({**key_view(row), "key": key, "webhook_secret": row.webhook_secret},
+                        status_code=201)
 
     @get("", summary="List client keys")
     async def list_keys(self, api: ApiDep) -> dict[str, Any]:
         return {"data": [key_view(k) for k in await api.auth.store.list_keys()]}
+
+    @post("/{key:str}/webhook-secret", status_code=200,
+          summary="Rotate a key's webhook signing secret (the new one is shown once; the "
+                  "old one keeps signing for webhook_secret_grace_s)")
+    async def rotate_webhook_secret(self, key: FromPath[str], api: ApiDep) -> Response[Any]:
+        row = await api.auth.store.find_key(key)
+        if row is None:
+            return error_response(404, f"no key {key}")
+        if row.revoked_at is not None:
+            return error_response(409, f"key {row.name} is revoked")
+        rotated = await api.auth.rotate_webhook_secret(row, api.settings.webhook_secret_grace_s)
+        return Response({**key_view(rotated), "webhook_secret": rotated.webhook_secret})
 
     @post("/{key:str}/revoke", status_code=200, summary="Revoke a key (by id or name)")
     async def revoke(self, key: FromPath[str], api: ApiDep) -> Response[Any]:

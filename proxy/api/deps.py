@@ -19,6 +19,7 @@ from proxy.accounts.auth import Auth
 from proxy.api.inputs import DEFAULT_CHECKER, RequestImageChecker
 from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
+from proxy.lifecycle.webhooks import WebhookDispatcher
 
 
 class Api:
@@ -49,6 +50,11 @@ class Api:
         """Every configured provider, enabled or not: name -> (kind, settings)."""
         configured: dict[str, Any] = self._state.provider_settings
         return configured
+
+    @property
+    def webhooks(self) -> WebhookDispatcher:
+        dispatcher: WebhookDispatcher = self._state.webhooks
+        return dispatcher
 
     @property
     def image_checker(self) -> RequestImageChecker:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar import Request
 
 from proxy.config import Settings
@@ -51,6 +52,11 @@ def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> Pr
         cancel_requested=bool(p.cancel_requested),
         surface=str((p.request or {}).get("surface", "native")),
     )
+
+
+def webhook_body(p: Prediction, attempts: list[Attempt], base_url: str) -> bytes:
+    """What a webhook receiver gets: the prediction as GET /v1/predictions/{id} shows it."""
+    return msgspec.json.encode(prediction_view(p, attempts, base_url))
 
 
 _BASE_URLS: dict[tuple[Any, ...], str] = {}  # what str(request.base_url) gave, per origin

@@ -15,15 +15,24 @@ from typing import Any, Literal
 from litestar import Request
 from pydantic import ValidationError
 
+from common import media
 from proxy import uploads
-from proxy.accounts.auth import principal_of
+from proxy.accounts.auth import Principal, principal_of
 from proxy.accounts.budgets import BudgetExceeded
-from proxy.api import request_context
+from proxy.api import render, request_context
 from proxy.api.deps import Api
 from proxy.lifecycle.idempotency import IdempotencyInProgress, IdempotencyMismatch
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.service import NoProvider, Unavailable
-from proxy.schema import FieldError, GenerateRequest, field_errors, usd
+from proxy.lifecycle.webhooks import NoSigningSecret
+from proxy.schema import (
+    ALLOWED,
+    FieldError,
+    GenerateRequest,
+    field_errors,
+    redact_image_ref,
+    usd,
+)
 
 Surface = Literal["native", "openai", "wavespeed", "vibedream"]
 SURFACES: tuple[Surface, ...] = ("native", "openai", "wavespeed", "vibedream")
@@ -147,8 +156,11 @@ async def admit(
     bad_images = await api.image_checker.check(req)
     if bad_images:
         return invalid("request validation failed", bad_images)
+    if req.webhook is not None and (refused := await _check_webhook(api, req, principal)):
+        return refused
     try:
-        return await api.service.submit(req, principal, surface=surface, idempotency_key=key)
+        return await api.service.submit(req, principal, surface=surface, idempotency_key=key,
+                                        base_url=render.base_url(request, api.settings))
     except IdempotencyMismatch as exc:
         return Refusal("invalid", 422, str(exc), "idempotency_key_reused", [FieldError(
             field=IDEMPOTENCY_HEADER, reason="already used for a different request",
@@ -167,6 +179,24 @@ async def admit(
             return Refusal("no_provider", 503, str(exc), "no_provider", details)
         return Refusal("unsupported", 422, f"{exc}: " + "; ".join(
             f"{d.field}: {d.reason}" for d in details), "unsupported", details)
+
+
+async def _check_webhook(api: Api, req: GenerateRequest, principal: Principal
+                         ) -> Refusal | None:
+    """The webhook URL passes the outbound guard, and there is a secret to sign with."""
+    dispatcher = api.webhooks
+    has_secret = (bool(principal.key.webhook_secret) if principal.key is not None
+                  else dispatcher.keyless_ok())
+    try:
+        await dispatcher.check(req, has_secret)
+    except NoSigningSecret as exc:
+        return invalid("request validation failed", [FieldError(
+            field="webhook", reason=str(exc), value=None, allowed=ALLOWED["webhook"])])
+    except media.MediaError as exc:  # BlockedURL too
+        return invalid("request validation failed", [FieldError(
+            field="webhook", reason=exc.reason, value=redact_image_ref(req.webhook or ""),
+            allowed=ALLOWED["webhook"])])
+    return None
 
 
 async def finish_sync(api: Api, run: Run, timeout_s: float | None = None) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -26,6 +27,7 @@ from proxy.lifecycle import idempotency
 from proxy.lifecycle.errors import Conflict, NoProvider, NotFound, Unavailable
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.runner import Runner
+from proxy.lifecycle.webhooks import subscriptions
 from proxy.routing import Plan, Router
 from proxy.schema import MAX_SEED, GenerateRequest
 from proxy.store.budget import BudgetRefused
@@ -67,6 +69,8 @@ class PredictionService:
         self._recent: OrderedDict[str, tuple[float, Run]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Called when a prediction here starts or ends (the webhook dispatcher's nudge).
+        self.on_change: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +164,8 @@ class PredictionService:
                                            name=f"prediction-{run.pred.id}")
 
         def _done(_: asyncio.Task[None]) -> None:
+            if self.on_change is not None:
+                self.on_change()
             self._runs.pop(run.pred.id, None)
             if run.pred.status in TERMINAL_STATUSES:
                 self._remember(run)
@@ -209,14 +215,17 @@ class PredictionService:
         return plan
 
     async def submit(self, req: GenerateRequest, principal: Principal | None = None, *,
-                     surface: str = "native", idempotency_key: str | None = None) -> Run:
+                     surface: str = "native", idempotency_key: str | None = None,
+                     base_url: str = "") -> Run:
         """Validate routing and budget, commit the row, start driving it.
         Raises NoProvider or BudgetExceeded before anything is written.
         `surface`: the wire format the request came in (kept with the request, a
         metrics label). With `idempotency_key`, a repeat of the same request (same
         key, client key and surface) returns the prediction the first made, marked
         `replayed`, and submits nothing; IdempotencyMismatch for a different
-        request, IdempotencyInProgress when its prediction cannot be read."""
+        request, IdempotencyInProgress when its prediction cannot be read.
+        A `webhook` makes its delivery rows in the same transaction; `base_url`: where
+        the client reached us, for the urls in their payloads."""
         principal = principal or Principal()
         claim = None if idempotency_key is None else idempotency.make_claim(
             req, principal, surface, idempotency_key, self.idempotency_ttl_s)
@@ -238,6 +247,7 @@ class PredictionService:
             lease_expires_at=utcnow() + timedelta(seconds=self.lease_s),
         )
         key = principal.key
+        webhooks = subscriptions(req, pred.id, principal.key_id, base_url)
         # Failover may land on any candidate: hold the dearest one's price.
         expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
         hold = self.budgets.hold(key, expected)
@@ -247,7 +257,7 @@ class PredictionService:
         admitted = self.runner.acquire(plan.providers)
         try:
             if admitted is None:
-                pred = await self.store.create_prediction(pred, hold, claim)
+                pred = await self.store.create_prediction(pred, hold, claim, webhooks)
             else:
                 pred.status, pred.started_at = "processing", now
                 attempt = Attempt(prediction_id=pred.id, seq=1, provider=admitted.name,
@@ -255,7 +265,7 @@ class PredictionService:
                 run.admitted_hold = self.budgets.hold(
                     key, self.router.expected_cost(admitted, gen))
                 pred = await self.store.create_with_attempt(pred, attempt, hold,
-                                                            run.admitted_hold, claim)
+                                                            run.admitted_hold, claim, webhooks)
                 run.attempts.append(attempt)
                 run.admitted = admitted
         except IdempotencyHit as exc:  # a concurrent repeat claimed the key first
@@ -274,6 +284,8 @@ class PredictionService:
                      num_images=gen.num_images, sync=gen.enable_sync_mode,
                      provider=admitted.name if admitted else None)
         self._spawn(run)
+        if webhooks and self.on_change is not None:
+            self.on_change()  # a `start` may be due already
         return run
 
     async def find_replay(self, req: GenerateRequest, principal: Principal, *, surface: str,

@@ -14,7 +14,7 @@ tests/test_memory_store.py runs one set of assertions against both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any
@@ -31,6 +31,7 @@ from proxy.store.models import (
     PREDICTION_STATUSES,
     Attempt,
     Prediction,
+    WebhookDelivery,
     utcnow,
 )
 from proxy.store.repo import _UNSET, decode_cursor, encode_cursor
@@ -48,6 +49,8 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
         self._predictions: dict[str, Row] = {}
         self._attempts: dict[int, Row] = {}
         self._holds: dict[tuple[str, int], Row] = {}  # (prediction_id, seq) -> hold
+        # Deliveries inserted with their predictions (no dispatcher runs on this store).
+        self.webhooks: list[WebhookDelivery] = []
 
     async def __aenter__(self) -> MemoryStore:
         return self
@@ -69,7 +72,8 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
     # -- predictions -------------------------------------------------------
 
     async def create_prediction(self, p: Prediction, hold: Hold | None = None,
-                                claim: Claim | None = None) -> Prediction:
+                                claim: Claim | None = None,
+                                webhooks: Sequence[WebhookDelivery] = ()) -> Prediction:
         await turn()
         self._check_claim(claim)  # first, as in SQL: a taken key holds nothing
         row = PREDICTIONS.row(p)
@@ -81,12 +85,14 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
             self._take_hold(hold, p.id, 0)
         self._predictions[p.id] = row
         self._take_claim(claim, p.id)
+        self.webhooks.extend(webhooks)
         self._wrote("create_prediction")
         return p
 
     async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
                                   attempt_hold: Hold | None = None,
-                                  claim: Claim | None = None) -> Prediction:
+                                  claim: Claim | None = None,
+                                  webhooks: Sequence[WebhookDelivery] = ()) -> Prediction:
         await turn()
         self._check_claim(claim)
         row = PREDICTIONS.row(p)
@@ -109,6 +115,7 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
             a.reserved_micro_usd = attempt_hold.amount_micro_usd
         self._insert_attempt(a, attempt_row)
         self._take_claim(claim, p.id)
+        self.webhooks.extend(webhooks)
         self._wrote("create_with_attempt")
         return p
 

@@ -157,6 +157,12 @@ class ApiKey(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
     )
     revoked_at: datetime | None = _ts()
+    # The Standard Webhooks signing secret ("whsec_..."): shown once, at creation or
+    # rotation. Kept readable (it signs), unlike the key. After a rotation the previous
+    # one also signs until `webhook_secret_prev_until`, so receivers can switch over.
+    webhook_secret: str | None = Field(default=None, max_length=64)
+    webhook_secret_prev: str | None = Field(default=None, max_length=64)
+    webhook_secret_prev_until: datetime | None = _ts()
 
 
 class Reservation(SQLModel, table=True):
@@ -204,3 +210,56 @@ class IdempotencyKey(SQLModel, table=True):
         default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False)
     )
     expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+
+
+WEBHOOK_EVENTS = ("start", "output", "completed")  # Replicate's names, in firing order
+# WebhookDelivery.status: waiting (its event has not happened, or its next try is
+# later), delivered, failed (gave up after the retry window), skipped (an `output`
+# event of a prediction that ended without outputs).
+WEBHOOK_STATUSES = ("waiting", "delivered", "failed", "skipped")
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event of one prediction to send to its webhook URL, at least once.
+
+    Inserted with the prediction, in its transaction, one row per subscribed event:
+    the event is due when the prediction's row shows it happened (`start`: no longer
+    queued; `output`: outputs recorded; `completed`: terminal), so a crash anywhere
+    leaves nothing unsent. Any replica may send it under a short lease."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)  # webhook-id
+    prediction_id: str = Field(max_length=36, index=True)
+    api_key_id: str | None = Field(default=None, max_length=64)
+    event: str = Field(max_length=16)
+    url: str
+    base_url: str = ""  # where the client reached us: the payload's urls
+    status: str = Field(default="waiting", max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    first_attempt_at: datetime | None = _ts()  # the retry window counts from here
+    last_status_code: int | None = None
+    last_error: str | None = None
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_expires_at: datetime | None = _ts()
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+    delivered_at: datetime | None = _ts()
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One POST of a delivery, whatever came of it."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: str = Field(max_length=36, index=True)
+    n: int  # 1-based, per delivery
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    duration_ms: int
+    status_code: int | None = None
+    error: str | None = None
+    instance_id: str = Field(max_length=64)

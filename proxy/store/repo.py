@@ -15,7 +15,7 @@ import base64
 import binascii
 import functools
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -39,9 +39,11 @@ from proxy.store.models import (
     PREDICTION_STATUSES,
     Attempt,
     Prediction,
+    WebhookDelivery,
     utcnow,
 )
 from proxy.store.spend import SpendMixin
+from proxy.store.webhooks import WebhookMixin
 
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UNSET: Any = object()
@@ -64,7 +66,7 @@ def decode_cursor(cursor: str) -> str:
 
 
 class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
-            IdempotencyMixin):
+            IdempotencyMixin, WebhookMixin):
     """Async persistence for predictions and attempts (SQLite or PostgreSQL)."""
 
     def __init__(self, url: str, *, schema: str | None = None, echo: bool = False,
@@ -127,17 +129,20 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
     # -- predictions -------------------------------------------------------
 
     async def create_prediction(self, p: Prediction, hold: Hold | None = None,
-                                claim: Claim | None = None) -> Prediction:
+                                claim: Claim | None = None,
+                                webhooks: Sequence[WebhookDelivery] = ()) -> Prediction:
         """Insert `p`; it is committed when this returns. With `hold`, the key's
         budget is reserved in the same transaction (BudgetRefused: nothing written).
         With `claim`, its idempotency key is taken in it first (IdempotencyHit: the
-        key is another prediction's, nothing written)."""
+        key is another prediction's, nothing written). `webhooks`: its deliveries,
+        inserted with it (store/webhooks.py)."""
         def op(session: Tx) -> KeyHit | None:
             if claim is not None and (hit := self._claim_key(session, claim, p.id)):
                 return hit
             if hold is not None:
                 self._hold(session, hold, p.id, 0)
             session.execute(insert(PREDICTIONS).values(row_values(p)))
+            self._insert_deliveries(session, webhooks)
             return None
 
         if hit := await self._commit(op, alone=hold is not None):
@@ -147,7 +152,8 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
 
     async def create_with_attempt(self, p: Prediction, a: Attempt, hold: Hold | None = None,
                                   attempt_hold: Hold | None = None,
-                                  claim: Claim | None = None) -> Prediction:
+                                  claim: Claim | None = None,
+                                  webhooks: Sequence[WebhookDelivery] = ()) -> Prediction:
         """Admission and the first attempt's row in ONE transaction: `p` (already
         `processing`) and `a` (`submitting`) are committed together before the
         submit, with the admission hold (seq 0) and the attempt's own (seq 1)
@@ -160,6 +166,7 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
             if hold is not None:
                 self._hold(session, hold, p.id, 0)
             session.execute(insert(PREDICTIONS).values(row_values(p)))
+            self._insert_deliveries(session, webhooks)
             if attempt_hold is not None:
                 self._hold(session, attempt_hold, p.id, a.seq)
                 a.reserved_micro_usd = attempt_hold.amount_micro_usd
