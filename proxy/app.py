@@ -32,6 +32,7 @@ from proxy.api.spend import spend
 from proxy.api.system import healthz, list_models, metrics_page, readyz
 from proxy.api.webhooks_admin import AdminWebhooksController
 from proxy.config import Settings
+from proxy.lifecycle.notify import notifier_for
 from proxy.lifecycle.service import PredictionService
 from proxy.lifecycle.webhooks import WebhookConfig, WebhookDispatcher
 from proxy.routing import Router
@@ -121,6 +122,7 @@ def create_app(
             lease_s=settings.lease_s,
             prediction_deadline_s=settings.prediction_deadline_s,
             idempotency_ttl_s=settings.idempotency_ttl_s,
+            notifier=notifier_for(store.listen_dsn()),
         )
         app.state.service = service
         app.state.provider_settings = settings.provider_settings()

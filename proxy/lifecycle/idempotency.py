@@ -1,11 +1,11 @@
 """Idempotency keys, the service's side: what a keyed submit claims, how a repeat is
 told from a different request, and waiting for a prediction another process (or an
-earlier request) drives. The rows and their atomic claim are store/idempotency.py's.
+earlier request) drives is lifecycle/waiting.py. The rows and their atomic claim are
+store/idempotency.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from datetime import timedelta
 
@@ -18,7 +18,6 @@ from proxy.store.models import TERMINAL_STATUSES, utcnow
 from proxy.store.repo import Store
 
 log = get_logger("flux_proxy.service")
-POLL_MIN_S, POLL_MAX_S = 0.05, 0.5
 
 
 class IdempotencyMismatch(Exception):
@@ -73,24 +72,3 @@ async def replay(store: Store, hit: KeyHit, claim: Claim, principal: Principal,
     log.info("prediction.replayed", prediction_id=hit.prediction_id,
              api_key_id=principal.key_id)
     return run
-
-
-async def poll_until_terminal(store: Store, run: Run, timeout_s: float) -> bool:
-    """Wait for a prediction driven elsewhere (another process, or already ended) by
-    reading the store, backing off to POLL_MAX_S, at most `timeout_s`. `run` is
-    refreshed with each read; True when it is terminal."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    delay = POLL_MIN_S
-    while True:
-        found = await store.get_with_attempts(run.pred.id)
-        if found is not None:
-            run.pred, run.attempts = found[0], found[1]
-            if run.pred.status in TERMINAL_STATUSES:
-                run.done.set()
-                return True
-        left = deadline - loop.time()
-        if left <= 0:
-            return False
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, POLL_MAX_S)

@@ -25,8 +25,11 @@ from proxy.accounts.auth import Principal
 from proxy.accounts.budgets import Budgets
 from proxy.lifecycle import idempotency
 from proxy.lifecycle.errors import Conflict, NoProvider, NotFound, Unavailable
+from proxy.lifecycle.notify import DoneNotifier
 from proxy.lifecycle.run import Run
 from proxy.lifecycle.runner import Runner
+from proxy.lifecycle.sweeps import SweepsMixin
+from proxy.lifecycle.waiting import wait_elsewhere
 from proxy.lifecycle.webhooks import subscriptions
 from proxy.routing import Plan, Router
 from proxy.schema import MAX_SEED, GenerateRequest
@@ -41,7 +44,7 @@ RECENT_MAX = 2_000
 RECENT_TTL_S = 30.0
 
 
-class PredictionService:
+class PredictionService(SweepsMixin):
     def __init__(
         self,
         store: Store,
@@ -52,8 +55,11 @@ class PredictionService:
         prediction_deadline_s: float = 600.0,
         idempotency_ttl_s: float = 86_400.0,
         clock: Clock = SYSTEM_CLOCK,
+        notifier: DoneNotifier | None = None,
     ) -> None:
         self.store = store
+        # Wakes waiters when a prediction ends, here or (PostgreSQL) on any replica.
+        self.notifier = notifier or DoneNotifier()
         self.router = router
         self.instance_id = instance_id
         self.lease_s = lease_s
@@ -75,6 +81,7 @@ class PredictionService:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        await self.notifier.start()
         resumed = await self._claim_orphans(include_own=True)
         if resumed:
             log.info("predictions.resumed", count=resumed, instance_id=self.instance_id)
@@ -99,60 +106,7 @@ class PredictionService:
             if run.pred.status not in TERMINAL_STATUSES:
                 with contextlib.suppress(Exception):
                     await self.store.release(run.pred.id, self.instance_id)
-
-    async def _sweep_forever(self) -> None:
-        interval = max(0.05, self.lease_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                ids = [i for i, r in self._runs.items() if not r.done.is_set()]
-                if ids:
-                    await self.store.renew_leases(self.instance_id, ids, self.lease_s)
-                    # A cancel that reached another replica: it set the flag for us.
-                    for pred_id in await self.store.cancel_requested_among(ids):
-                        if run := self._runs.get(pred_id):
-                            run.cancel.set()
-                await self._claim_orphans(include_own=False)
-                await self._release_stale_holds()
-                await self._publish_budgets()
-            except Exception:  # keep sweeping; a store blip must not stop renewals
-                log.exception("lease.sweep_failed")
-
-    async def _publish_budgets(self) -> None:
-        """About once a minute (and at start): every budgeted key's gauges."""
-        now = self.clock.monotonic()
-        if self._budgets_published_at is not None and now - self._budgets_published_at < 60:
-            return
-        self._budgets_published_at = now
-        try:
-            await self.budgets.publish_all()
-        except Exception:  # a metric must never stop the sweeper (or the start)
-            log.exception("budget.publish_failed")
-
-    async def _release_stale_holds(self) -> None:
-        """About once a minute: budget holds of attempts whose process died after
-        their prediction ended (a hedge loser; no attempt outlives its prediction's
-        deadline, so a hold older than that holds nothing real), and expired
-        idempotency keys (a claim replaces an expired one anyway: this bounds the table)."""
-        if self.clock.monotonic() - self._holds_swept_at < 60:
-            return
-        self._holds_swept_at = self.clock.monotonic()
-        cutoff = utcnow() - timedelta(seconds=self.prediction_deadline_s)
-        if released := await self.store.release_stale_holds(cutoff):
-            log.info("budget.stale_holds_released", count=released)
-        if swept := await self.store.sweep_idempotency(utcnow()):
-            log.info("idempotency.keys_swept", count=swept)
-
-    async def _claim_orphans(self, *, include_own: bool) -> int:
-        preds = await self.store.claim_resumable(
-            self.instance_id, self.lease_s, limit=500, include_own=include_own
-        )
-        count = 0
-        for pred in preds:
-            if pred.id not in self._runs:
-                await self._adopt(pred.id)
-                count += 1
-        return count
+        await self.notifier.stop()
 
     def _spawn(self, run: Run) -> None:
         self._runs[run.pred.id] = run
@@ -169,6 +123,7 @@ class PredictionService:
             self._runs.pop(run.pred.id, None)
             if run.pred.status in TERMINAL_STATUSES:
                 self._remember(run)
+                self.notifier.notify(run.pred.id)  # repeats waiting in this process
             metrics.PREDICTIONS_IN_FLIGHT.dec()
             if run.key is not None and run.key.budget_micro_usd is not None:
                 publish = asyncio.create_task(self.budgets.publish(run.key))
@@ -305,16 +260,21 @@ class PredictionService:
         return await idempotency.replay(self.store, hit, claim, principal, local)
 
     async def wait(self, run: Run, timeout_s: float) -> bool:
-        """True when the prediction reached a terminal state within the timeout (a
-        repeat's run this process does not drive: by reading the store)."""
+        """True when the prediction reached a terminal state within the timeout. One
+        this process does not drive (a repeat of a peer's), or stopped driving (a
+        peer took it over), is followed through the done notifier and the store."""
         live = self._runs.get(run.pred.id)
         if run.replayed and not run.done.is_set() and (live is None or live.done is not run.done):
-            return await idempotency.poll_until_terminal(self.store, run, timeout_s)
-        try:
-            await asyncio.wait_for(run.done.wait(), timeout=timeout_s)
-        except TimeoutError:
+            return await wait_elsewhere(self.store, self.notifier, run, timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        if not await run.done.sleep(timeout_s):
             return False
-        return True
+        if run.pred.status in TERMINAL_STATUSES:
+            return True
+        # Its driver here stopped before the end (lease lost): it goes on elsewhere.
+        return await wait_elsewhere(self.store, self.notifier, run,
+                                    max(0.0, deadline - loop.time()))
 
     async def get(self, prediction_id: str, principal: Principal | None = None
                   ) -> tuple[Prediction, list[Attempt]]:
@@ -337,6 +297,9 @@ class PredictionService:
         answering the prediction as it then is (`cancel_requested` set)."""
         await self.get(prediction_id, principal)  # 404 for someone else's
         run = self._runs.get(prediction_id)
+        if run is not None and run.pred.status in TERMINAL_STATUSES:
+            # Ended here a moment ago (its task not yet reaped): nothing to cancel.
+            raise Conflict(f"prediction is already {run.pred.status}")
         if run is not None:
             run.cancel.fire("canceled by client")
             # Let the runner record the cancel, so the answer shows it.

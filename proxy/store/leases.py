@@ -125,6 +125,18 @@ class LeaseMixin:
         )
         return await self._write(stmt)
 
+    async def lost_leases(self, owner: str, ids: Iterable[str]) -> list[str]:
+        """Of `ids`, the active predictions another process now holds (taken over
+        after `owner`'s lease lapsed): `owner` must stop driving them."""
+        id_list = list(dict.fromkeys(ids))
+        if not id_list:
+            return []
+        stmt = select(col(Prediction.id)).where(
+            col(Prediction.id).in_(id_list), col(Prediction.status).in_(ACTIVE_STATUSES),
+            col(Prediction.lease_owner).is_not(None), col(Prediction.lease_owner) != owner)
+        async with self._sessions() as session:
+            return list((await session.execute(stmt)).scalars())
+
     async def release(self, prediction_id: str, owner: str) -> bool:
         """Give up `owner`'s lease on one prediction. False if it was not held."""
         stmt = (

@@ -307,6 +307,12 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
             row["lease_expires_at"] = until
         return len(held)
 
+    async def lost_leases(self, owner: str, ids: Iterable[str]) -> list[str]:
+        await turn()
+        rows = (self._predictions.get(i) for i in dict.fromkeys(ids))
+        return [r["id"] for r in rows if r is not None and r["status"] in ACTIVE_STATUSES
+                and r["lease_owner"] is not None and r["lease_owner"] != owner]
+
     async def release(self, prediction_id: str, owner: str) -> bool:
         await turn()
         row = self._predictions.get(prediction_id)

@@ -45,6 +45,8 @@ from proxy.store.models import (
 from proxy.store.spend import SpendMixin
 from proxy.store.webhooks import WebhookMixin
 
+# NOTIFY channel of "a prediction ended" (payload: its id), one per database.
+DONE_CHANNEL = "flux_prediction_done"
 _ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _UNSET: Any = object()
 
@@ -91,6 +93,14 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
     def safe_url(self) -> str:
         """The database URL with any password masked, for logs."""
         return self._engine.url.render_as_string(hide_password=True)
+
+    def listen_dsn(self) -> str | None:
+        """PostgreSQL: a DSN for a connection of its own that LISTENs (asyncpg's
+        notation); None on SQLite, where no other process can be told."""
+        if not self._pg:
+            return None
+        url = self._engine.url.set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
 
     @property
     def backend(self) -> str:
@@ -282,7 +292,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
             result = session.execute(stmt, execution_options={"synchronize_session": False})
             if holds:
                 self._drop_settled_holds(session, prediction_id)
-            return rowcount(result)
+            ended = rowcount(result)
+            if ended:
+                self._notify_done(session, prediction_id)
+            return ended
 
         ended = await self._commit(op)
         self._wrote("finish_prediction")
@@ -310,7 +323,10 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
                 .values(**p_values))
             if holds:  # (holds=False: none was taken, see finish_prediction)
                 self._drop_settled_holds(session, prediction_id)
-            return rowcount(result)
+            ended = rowcount(result)
+            if ended:
+                self._notify_done(session, prediction_id)
+            return ended
 
         ended = await self._commit(op)
         self._wrote("finish_with_attempt")
@@ -389,6 +405,13 @@ class Store(AttemptWritesMixin, LeaseMixin, KeysMixin, SpendMixin, BudgetMixin,
             return await self.group.run(op)
         async with self._sessions() as session, session.begin():
             return await session.run_sync(op)
+
+    def _notify_done(self, session: Tx, prediction_id: str) -> None:
+        """PostgreSQL: tell every replica's listener (lifecycle/notify.py) that the
+        prediction ended; sent when this transaction commits, not before."""
+        if self._pg:
+            session.execute(text("SELECT pg_notify(:channel, :id)"),
+                            {"channel": DONE_CHANNEL, "id": prediction_id})
 
     @staticmethod
     def _insert_attempt(session: Tx, a: Attempt) -> None:
