@@ -10,7 +10,7 @@ RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin flux \
-    && mkdir -p /data/media && chown -R flux:flux /data
+    && mkdir -p /data/media /data/outputs && chown -R flux:flux /data
 COPY --from=build /install /usr/local
 USER flux
 WORKDIR /home/flux

@@ -33,12 +33,13 @@ from pydantic import BaseModel, ValidationError
 
 from common import media
 
+from ._assets import download, download_to
 from ._pool import lean_pool
+from ._text import REASON_MAX, safe_text
 from ._urls import URLCache
 from .base import (
     AuthFailed,
     BaseProvider,
-    ConfigurationError,
     InvalidInput,
     MalformedResponse,
     OutcomeUnknown,
@@ -53,7 +54,6 @@ M = TypeVar("M", bound=BaseModel)
 # submit: a POST that may create a task. poll: a GET of a task's state.
 Call = Literal["submit", "poll"]
 
-REASON_MAX = 200
 RETRY_AFTER_MAX = 3600.0  # a Retry-After beyond an hour is taken as an hour
 
 # Failure texts that mean "refused by content moderation" (policy: no failover).
@@ -122,61 +122,6 @@ def build_asset_client(
         follow_redirects=False,
         transport=transport,
     ), settings)
-
-
-async def download(
-    provider: str,
-    assets: httpx.AsyncClient,
-    url: str,
-    settings: ProviderSettings,
-    guard: media.OutboundGuard,
-) -> tuple[bytes, str | None]:
-    """One output from the provider's asset hosts (never with our key), bounded:
-    `max_download_bytes` for this one, the process-wide download budget
-    (`max_inflight_download_bytes`, common/media/budget.py) for all at once; the
-    wait for that budget counts against `download_timeout_s`. A caller that keeps
-    the bytes opens `media.holding()` around the call to keep them counted.
-
-    A refusal our own settings cause is a `ConfigurationError` naming the setting
-    (asset_hosts, allow_private_asset_hosts), not the provider's failure."""
-    try:
-        parsed = httpx.URL(url)
-        host = parsed.host
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    except (httpx.InvalidURL, TypeError):
-        host, port = "", 0
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    listed = bool(host) and (not settings.asset_hosts
-                             or media.host_matches(shown, settings.asset_hosts))
-    if host and not listed:
-        raise ConfigurationError(
-            f"{provider}: output host {host!r} is not in providers.{provider}.asset_hosts"
-            " (base64 emulation downloads only from those): add it there",
-            provider=provider)
-    try:
-        return await media.download(
-            assets,
-            url,
-            max_bytes=settings.max_download_bytes,
-            timeout_s=settings.download_timeout_s,
-            allowed_hosts=settings.asset_hosts,
-            guard=guard,
-        )
-    except media.BlockedURL as exc:
-        if listed and not settings.allow_private_asset_hosts:
-            # A host the operator listed that resolves to a private address.
-            raise ConfigurationError(
-                f"{provider}: output host {host!r} is listed in asset_hosts but refused"
-                f" ({safe_text(exc.reason)}); set providers.{provider}."
-                "allow_private_asset_hosts = true if it is an internal host you trust",
-                provider=provider) from exc
-        raise MalformedResponse(
-            f"{provider}: output URL refused: {safe_text(exc.reason)}", provider=provider
-        ) from exc
-    except media.MediaError as exc:
-        raise UpstreamUnavailable(
-            f"{provider}: output download failed: {safe_text(exc.reason)}", provider=provider
-        ) from exc
 
 
 # --------------------------------------------------------------------------- the call
@@ -393,16 +338,6 @@ def _reason(response: httpx.Response, secret: str | None) -> str:
     return safe_text(text, secret) or response.reason_phrase
 
 
-def safe_text(text: str | None, secret: str | None = None) -> str:
-    """Upstream text made fit for a client: one line, key scrubbed, truncated."""
-    if not text:
-        return ""
-    text = " ".join(text.split())
-    if secret:
-        text = text.replace(secret, "***")
-    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "…"
-
-
 class HTTPProvider(BaseProvider):
     """What every HTTP upstream adapter shares: one pooled API client carrying the
     key, a separate key-less client for output downloads, and the output guard."""
@@ -429,6 +364,10 @@ class HTTPProvider(BaseProvider):
     async def download(self, url: str) -> tuple[bytes, str | None]:
         return await download(self.name, self._assets, url, self._download_settings,
                               self._guard)
+
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        return await download_to(self.name, self._assets, url, sink,
+                                 self._download_settings, self._guard)
 
     async def aclose(self) -> None:
         await self._client.aclose()

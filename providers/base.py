@@ -13,6 +13,8 @@ from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, SecretStr
 
+from common import media
+
 OutputFormat = Literal["jpeg", "png", "webp"]
 Mode = Literal["text-to-image", "image-to-image", "inpainting"]
 
@@ -356,6 +358,11 @@ class Provider(Protocol):
         asset hosts, bounded in size and time."""
         ...
 
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        """The same download, each chunk awaited into `sink` as it arrives (never held
+        whole); the content-type. An exception from `sink` propagates as it is."""
+        ...
+
     def saturated(self) -> bool:
         """True when this provider's own capacity is full (e.g. every local
         worker's queue past its threshold): the router tries it last."""
@@ -390,6 +397,12 @@ class BaseProvider:
     async def download(self, url: str) -> tuple[bytes, str | None]:
         raise MalformedResponse(f"{self.name}: outputs cannot be downloaded from this provider",
                                 provider=self.name)
+
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        """By default the whole download, then one chunk: adapters over HTTP stream."""
+        data, content_type = await self.download(url)
+        await sink(data)
+        return content_type
 
     def saturated(self) -> bool:
         return False

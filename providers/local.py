@@ -240,5 +240,9 @@ class LocalProvider(BaseProvider):
         return await _http.download(self.name, self._client, url, self._asset_settings,
                                     self._guard)
 
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        return await _http.download_to(self.name, self._client, url, sink,
+                                       self._asset_settings, self._guard)
+
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -4,6 +4,8 @@ calls they care about, as pydantic-ai's WrapperModel does."""
 
 from __future__ import annotations
 
+from common import media
+
 from .base import (
     BaseProvider,
     Capabilities,
@@ -44,6 +46,9 @@ class WrapperProvider(BaseProvider):
 
     async def download(self, url: str) -> tuple[bytes, str | None]:
         return await self.inner.download(url)
+
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        return await self.inner.download_to(url, sink)
 
     def saturated(self) -> bool:
         return self.inner.saturated()

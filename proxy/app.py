@@ -25,6 +25,7 @@ from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
 from proxy.api.middleware import HttpMetrics, SmallBodyCompression
 from proxy.api.openapi import openapi_config
+from proxy.api.outputs import SKIP_COMPRESSION, get_output
 from proxy.api.predictions import PredictionController
 from proxy.api.render import webhook_body
 from proxy.api.request_context import RequestContext
@@ -35,6 +36,7 @@ from proxy.config import Settings
 from proxy.lifecycle.notify import notifier_for
 from proxy.lifecycle.service import PredictionService
 from proxy.lifecycle.webhooks import WebhookConfig, WebhookDispatcher
+from proxy.outputs_store import open_store
 from proxy.routing import Router
 from proxy.routing.instrumented import InstrumentedProvider
 from proxy.store.repo import Store
@@ -90,7 +92,9 @@ def _webhooks(settings: Settings, store: Store, instance_id: str) -> WebhookDisp
     config = WebhookConfig(
         timeout_s=settings.webhook_timeout_s, retry_window_s=settings.webhook_retry_window_s,
         backoff_s=settings.webhook_backoff_s, backoff_max_s=settings.webhook_backoff_max_s,
-        lease_s=max(60.0, 3 * settings.webhook_timeout_s), keyless_secret=keyless)
+        # Outlives one POST (so no peer sends it meanwhile); what a dead process had
+        # leased is sent again this soon after.
+        lease_s=2 * settings.webhook_timeout_s + 5, keyless_secret=keyless)
     return WebhookDispatcher(store, webhook_body, instance_id=instance_id, guard=guard,
                              config=config)
 
@@ -129,6 +133,10 @@ def create_app(
         webhooks = _webhooks(settings, store, instance_id)
         service.on_change = webhooks.nudge
         app.state.webhooks = webhooks
+        # Outputs copied before each end is written, served by api/outputs.py, swept.
+        output_store = open_store(settings)
+        service.runner.output_store = output_store
+        app.state.output_store = output_store
         # Shared by every process and replica (README "Several processes"); redis is
         # imported only when it is configured.
         shared = _open_shared(settings.redis_url.get_secret_value()) if settings.redis_url \
@@ -147,6 +155,8 @@ def create_app(
         health_sync = _health_sync(router, shared, instance_id) if shared else None
         if health_sync is not None:
             await health_sync.start()
+        if output_store is not None:
+            await output_store.start()
         await service.start()
         await webhooks.start()
         log.info("proxy.started", instance_id=instance_id, providers=router.enabled,
@@ -154,6 +164,7 @@ def create_app(
                  key_hash_secret=app.state.auth.secret_source,
                  admin_routes=bool(settings.admin_key),
                  redis=shared.safe_url if shared else None,
+                 output_store=output_store.backend.description if output_store else None,
                  rate_limits=type(app.state.auth.limiter).__name__)
         if not settings.auth_enabled:
             log.warning("auth.disabled", message="client API keys are NOT checked "
@@ -163,6 +174,8 @@ def create_app(
         finally:
             await service.stop()
             await webhooks.stop()
+            if output_store is not None:
+                await output_store.stop()
             if health_sync is not None:
                 await health_sync.stop()
             if shared is not None:
@@ -177,7 +190,8 @@ def create_app(
         Exception: internal_error_handler,
     }
     app = Litestar(
-        route_handlers=[PredictionController, list_models, spend, AdminKeysController,
+        route_handlers=[PredictionController, get_output, list_models, spend,
+                        AdminKeysController,
                         AdminWebhooksController,
                         healthz, readyz, metrics_page,
                         # Compatibility surfaces: other wire formats onto the same service.
@@ -192,7 +206,8 @@ def create_app(
         # Bearer security derived from the guards; /schema works offline (api/openapi.py).
         openapi_config=openapi_config(title="flux-proxy", version="0.1.0", path="/schema"),
         compression_config=CompressionConfig(backend="gzip", minimum_size=4096,
-                                             middleware_class=SmallBodyCompression),
+                                             middleware_class=SmallBodyCompression,
+                                             exclude_opt_key=SKIP_COMPRESSION),
         debug=False,
         logging_config=None,  # ours (common/logging.py) renders every line, library ones too
     )

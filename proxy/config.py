@@ -108,6 +108,19 @@ class Settings(BaseSettings):
     # keeps signing too for webhook_secret_grace_s (both signatures are sent).
     webhook_secret: SecretStr | None = None
     webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
+    # Outputs the proxy keeps (proxy/outputs_store/): unset, clients get the providers'
+    # URLs; a folder (or file:// URL) or s3://bucket/prefix, each output is copied there
+    # (at most output_store_max_bytes, within output_copy_timeout_s) before the
+    # prediction's end is written, and served at /v1/predictions/{id}/outputs/{n} for
+    # output_retention_s; a sweep every output_sweep_interval_s deletes older ones.
+    # S3 credentials and region: the usual AWS_* variables; the endpoint of an
+    # S3-compatible server: output_store_s3_endpoint_url.
+    output_store: str | None = None
+    output_store_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    output_copy_timeout_s: float = Field(default=60.0, gt=0)
+    output_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    output_sweep_interval_s: float = Field(default=60.0, gt=0)
+    output_store_s3_endpoint_url: str | None = None
     # Leases: a prediction driven by a process that stopped renewing is resumed elsewhere.
     lease_s: float = Field(default=30.0, gt=0)
     # Names this process in leases; a restart with the same id resumes its own
@@ -159,6 +172,16 @@ class Settings(BaseSettings):
     def _db_url(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("database_url must not be empty")
+        return v
+
+    @field_validator("output_store")
+    @classmethod
+    def _output_store(cls, v: str | None) -> str | None:
+        v = (v or "").strip() or None  # FLUX_PROXY_OUTPUT_STORE= (empty): off
+        if v and v.startswith("s3://") and not v.removeprefix("s3://").split("/", 1)[0]:
+            raise ValueError("output_store: s3://<bucket>[/<prefix>] needs a bucket")
+        if v and "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError("output_store: a folder, a file:// URL or s3://<bucket>[/<prefix>]")
         return v
 
     @model_validator(mode="after")

@@ -55,6 +55,10 @@ REASONS = ("unavailable", "rate_limited", "timeout", "outcome_unknown", "malform
 # canceled or its outcome is unknown; a hedge that lost the race.
 WASTE_REASONS = ("failed_billed", "canceled", "outcome_unknown", "hedge_lost")
 HEDGE_RESULT_VALUES = ("won", "lost")
+# What became of each output the proxy tried to keep (output_store): stored, or why it
+# kept its provider URL.
+OUTPUT_COPY_RESULTS = ("stored", "too_large", "not_image", "download_failed", "store_failed",
+                       "timeout")
 
 PREDICTIONS_ACCEPTED = Counter(
     f"{NS}_predictions_accepted_total",
@@ -136,6 +140,11 @@ COST_USD = Counter(
 IMAGES = Counter(f"{NS}_images_total", "Images delivered by completed attempts.", ["provider"])
 NSFW_IMAGES = Counter(f"{NS}_nsfw_images_total",
                       "Delivered images the provider flagged NSFW.", ["provider"])
+OUTPUT_COPIES = Counter(
+    f"{NS}_output_copies_total",
+    "Outputs copied into output_store (result stored), or left at the provider's URL, by why.",
+    ["result"],
+)
 BUDGET_REMAINING_USD = Gauge(
     f"{NS}_budget_remaining_usd", "Budget left this period (after in-flight reservations).",
     ["key_name"], multiprocess_mode="mostrecent",  # read from the database: the latest wins
@@ -153,6 +162,8 @@ def precreate(providers: Iterable[str], models: Iterable[str]) -> None:
         QUEUE_WAIT.labels(model)
         for surface in SURFACES:
             PREDICTIONS_ACCEPTED.labels(model, surface)
+    for result in OUTPUT_COPY_RESULTS:
+        OUTPUT_COPIES.labels(result)
     for surface in SURFACES:
         for mode in ("sync", "async"):
             PROXY_OVERHEAD.labels(surface, mode)

@@ -33,6 +33,7 @@ from common.media import (
     address_refusal,
     b64_to_data_uri,
     download,
+    download_to,
     fetch_image,
     host_matches,
     inspect_data_uri,
@@ -775,6 +776,33 @@ async def test_download_too_large_while_streaming(
         await download(
             client, f"{server.base}/huge-streamed", max_bytes=50_000, timeout_s=3, guard=LOCAL
         )
+
+
+async def test_download_to_streams_chunks_and_stops_at_the_cap(
+    server: LocalServer, client: httpx.AsyncClient
+) -> None:
+    """Streamed to a sink: the body arrives in pieces, never whole in one buffer, and
+    a body past max_bytes stops the download having handed on at most max_bytes."""
+    chunks: list[bytes] = []
+
+    async def sink(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    whole, _ = await download(client, f"{server.base}/cat.png", max_bytes=100_000,
+                              timeout_s=2, guard=LOCAL)
+    ctype = await download_to(client, f"{server.base}/to-cat", sink, max_bytes=100_000,
+                              timeout_s=2, guard=LOCAL)
+    assert ctype == "image/png" and b"".join(chunks) == whole
+    chunks.clear()
+    with pytest.raises(TooLarge):
+        await download_to(client, f"{server.base}/huge-streamed", sink, max_bytes=200_000,
+                          timeout_s=3, guard=LOCAL)
+    assert len(chunks) > 1 and sum(map(len, chunks)) <= 200_000
+    with pytest.raises(BlockedURL):  # the strict default guard: refused before connecting
+        await download_to(client, f"{server.base}/cat.png", sink, max_bytes=10, timeout_s=2)
+    with pytest.raises(BlockedURL, match="allowed"):  # every hop checked
+        await download_to(client, f"{server.base}/to-localhost", sink, max_bytes=10**6,
+                          timeout_s=2, guard=LOCAL, allowed_hosts=["127.0.0.1"])
 
 
 async def test_download_timeout_on_trickle(server: LocalServer, client: httpx.AsyncClient) -> None:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,8 @@ from standardwebhooks import Webhook, WebhookVerificationError
 from providers.simulators import SimulatorServer
 from proxy.store import Store
 
-from ._serve import pg_database, serving_app
+from ._serve import pg_database
+from ._webhooks import Receiver, receiving
 from .conftest import make_settings, running_proxy, wait_terminal
 
 ADMIN = "hooks-admin-key"
@@ -29,47 +27,9 @@ BODY = {"prompt": "a lighthouse", "size": "512*512"}
 FAST = {"webhook_backoff_s": 0.1, "webhook_backoff_max_s": 0.2, "webhook_allow_private": True}
 
 
-@dataclass
-class Receiver:
-    """A loopback webhook receiver: answers `codes` in turn (then 200), keeps each POST."""
-
-    codes: list[int] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes, int]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        with self.lock:
-            code = self.codes.pop(0) if self.codes else 200
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            self.received.append((headers, body, code))
-        await send({"type": "http.response.start", "status": code, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    def accepted(self) -> list[tuple[dict[str, str], bytes]]:
-        with self.lock:
-            return [(h, b) for h, b, code in self.received if code == 200]
-
-    async def wait(self, cond: Callable[[Receiver], bool], timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not cond(self):
-            assert time.monotonic() < deadline, f"receiver got {len(self.received)} POSTs"
-            await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    hook = Receiver()
-    with serving_app(hook, "receiver") as url:
-        hook.url = f"{url}/hooks/flux"
+    with receiving() as hook:
         yield hook
 
 
@@ -137,7 +97,11 @@ async def test_every_event_is_posted_signed_in_order(
         pred_id = r.json()["id"]
         final = await wait_terminal(c, pred_id, headers=auth)
         await receiver.wait(lambda h: len(h.accepted()) == 3)
-        rows = await deliveries(c, pred_id)
+        for _ in range(200):  # each POST is recorded just after its answer
+            rows = await deliveries(c, pred_id)
+            if all(d["status"] != "waiting" for d in rows):
+                break
+            await asyncio.sleep(0.05)
 
     events = [h["x-flux-webhook-event"] for h, _ in receiver.accepted()]
     assert events == ["start", "output", "completed"]

@@ -8,7 +8,7 @@ Public API (import from ``common.media``)::
     b64_to_data_uri, parse_data_uri, inspect_data_uri
     inspect_data_uri_bounded, data_uri_decode_cost
     host_matches, OutboundGuard, parse_http_url, parse_ip_literal, address_refusal
-    download, fetch_image, guarded_post
+    download, download_to, fetch_image, guarded_post
     budget (module): ByteBudget, holding, downloads, decoding, configure
 
 Memory: the process-wide byte budgets in ``budget`` bound the sum of download
@@ -47,6 +47,7 @@ from ._images import (
     to_data_uri,
 )
 from ._send import post as guarded_post
+from ._stream import Sink, download_to
 from .budget import BudgetWait, ByteBudget, OverBudget, holding
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "OutboundGuard",
     "OverBudget",
     "Resolver",
+    "Sink",
     "Target",
     "TooLarge",
     "address_refusal",
@@ -69,6 +71,7 @@ __all__ = [
     "data_uri_length",
     "decode_cost",
     "download",
+    "download_to",
     "fetch_image",
     "format_for_mime",
     "guarded_post",

@@ -109,12 +109,15 @@ class SimulatorServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> SimulatorServer:
+    def start(self, port: int = 0) -> SimulatorServer:
+        """Serve on `port` (0: one the OS picks). Started again after `stop()` on its
+        old port, it is an outage of the API with the jobs and billing kept, as a
+        provider's front end restarting."""
         if self._thread is not None:
             raise RuntimeError("already started")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
+        sock.bind((self.host, port))
         self.port = sock.getsockname()[1]
         self.app.public_base_url = self.base_url
         # log_config=None: leave the host process's logging alone.

@@ -20,6 +20,7 @@ from proxy.api.inputs import DEFAULT_CHECKER, RequestImageChecker
 from proxy.config import Settings
 from proxy.lifecycle.service import PredictionService
 from proxy.lifecycle.webhooks import WebhookDispatcher
+from proxy.outputs_store import OutputStore
 
 
 class Api:
@@ -55,6 +56,12 @@ class Api:
     def webhooks(self) -> WebhookDispatcher:
         dispatcher: WebhookDispatcher = self._state.webhooks
         return dispatcher
+
+    @property
+    def output_store(self) -> OutputStore | None:
+        """Where outputs are kept (`output_store`); None when that is off."""
+        store: OutputStore | None = self._state.get("output_store")
+        return store
 
     @property
     def image_checker(self) -> RequestImageChecker:

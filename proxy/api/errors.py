@@ -9,6 +9,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from common.logging import get_logger
 from proxy.api.submitting import Refusal
 from proxy.schema import ErrorBody, ErrorResponse, FieldError
+from proxy.store import outage
 
 log = get_logger("flux_proxy.api")
 
@@ -64,5 +65,11 @@ def http_exception_handler(_: Request, exc: HTTPException) -> Response[ErrorResp
 
 
 def internal_error_handler(request: Request, exc: Exception) -> Response[ErrorResponse]:
+    if outage.is_outage(exc):
+        # Retryable: with an Idempotency-Key a retry cannot make a second prediction.
+        log.warning("http.database_unavailable", path=request.url.path,
+                    error_type=type(exc).__name__)
+        return error_response(503, "the database is not answering; retry shortly",
+                              code="database_unavailable", headers={"Retry-After": "1"})
     log.exception("http.unhandled", path=request.url.path, error_type=type(exc).__name__)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal error", code="internal")

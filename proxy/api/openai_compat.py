@@ -36,6 +36,7 @@ from proxy.api.openai_errors import (
     openai_error,
     refusal_error,
 )
+from proxy.api.render import base_url, output_urls
 from proxy.api.submitting import (
     Refusal,
     admit,
@@ -153,12 +154,13 @@ async def answer(request: Request[Any, Any, Any], api: Api, req: GenerateRequest
             headers={**headers, **NO_RETRY})
     if pred.status != "completed":
         return failure_error(pred, headers)
-    return Response(images_body(run, req), status_code=200, headers=headers)
+    return Response(images_body(run, req, base_url(request, api.settings)), status_code=200,
+                    headers=headers)
 
 
-def images_body(run: Run, req: GenerateRequest) -> dict[str, Any]:
+def images_body(run: Run, req: GenerateRequest, base: str = "") -> dict[str, Any]:
     pred = run.pred
-    outputs = list(pred.outputs or [])
+    outputs = output_urls(pred.outputs, base)
     fmt: str = req.output_format
     if req.enable_base64_output:
         data = [{"b64_json": _plain_base64(o)} for o in outputs]

@@ -27,6 +27,14 @@ def attempt_view(a: Attempt) -> AttemptView:
     )
 
 
+def output_urls(outputs: list[str] | None, base_url: str) -> list[str]:
+    """A prediction's outputs as a client uses them: the ones the proxy keeps
+    (`output_store`) are stored as its own path, made absolute here with the base URL
+    of whoever asks; provider URLs and data URIs are as they are."""
+    base = base_url.rstrip("/")
+    return [base + o if o.startswith("/") else o for o in outputs or []]
+
+
 def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> PredictionView:
     base = f"{base_url.rstrip('/')}/v1/predictions/{p.id}"
     # While running, cost is what the attempts have recorded so far.
@@ -35,7 +43,7 @@ def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> Pr
         id=p.id,
         model=p.model,
         status=p.status,  # type: ignore[arg-type]
-        outputs=list(p.outputs or []),
+        outputs=output_urls(p.outputs, base_url),
         has_nsfw_contents=list(p.has_nsfw_contents or []),
         seed=p.seed,
         provider=p.provider or (attempts[-1].provider if attempts else None),

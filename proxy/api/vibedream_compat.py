@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from common.logging import get_logger
 from proxy.accounts.auth import principal_of, require_key
 from proxy.api.deps import Api, ApiDep
-from proxy.api.render import base_url
+from proxy.api.render import base_url, output_urls
 from proxy.api.submitting import (
     Refusal,
     admit,
@@ -269,7 +269,8 @@ def _error_text(pred: Prediction) -> str | None:
     return pred.error or GENERIC_ERROR
 
 
-def poll_view(pred: Prediction, attempts: list[Attempt]) -> VibeDreamPrediction:
+def poll_view(pred: Prediction, attempts: list[Attempt], base: str = ""
+              ) -> VibeDreamPrediction:
     status = _STATUS.get(pred.status, "processing")
     done = status != "processing"
     return VibeDreamPrediction(
@@ -277,7 +278,7 @@ def poll_view(pred: Prediction, attempts: list[Attempt]) -> VibeDreamPrediction:
         model_id=pred.model,
         model_name=MODEL_NAMES.get(pred.model, pred.model),
         status=status,
-        outputs=list(pred.outputs or []) if status == "completed" else None,
+        outputs=output_urls(pred.outputs, base) if status == "completed" else None,
         error=_error_text(pred),
         created_at=iso(pred.created_at),
         completed_at=iso(pred.completed_at or pred.updated_at) if done else None,
@@ -336,7 +337,7 @@ async def get_prediction(request: Request[Any, Any, Any], prediction_id: FromPat
         pred, attempts = await api.service.get(prediction_id, principal_of(request))
     except NotFound:
         return vd_error(404, "Prediction not found")
-    return Response(poll_view(pred, attempts),
+    return Response(poll_view(pred, attempts, base_url(request, api.settings)),
                     headers=prediction_headers(Run(pred=pred, attempts=attempts)))
 
 

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from proxy.accounts.auth import principal_of, require_key
 from proxy.api.deps import Api, ApiDep
-from proxy.api.render import base_url
+from proxy.api.render import base_url, output_urls
 from proxy.api.submitting import (
     Refusal,
     admit,
@@ -147,7 +147,7 @@ def prediction_data(pred: Prediction, base: str, *, sync_timed_out: bool = False
         "timings": {"inference": 0},
     }
     if pred.status == "completed":
-        data["outputs"] = [_plain(o) for o in pred.outputs or []]
+        data["outputs"] = [_plain(o) for o in output_urls(pred.outputs, base)]
         data["has_nsfw_contents"] = list(pred.has_nsfw_contents or [])
         timings = pred.timings or {}
         # What the upstream measured; else the winning attempt's latency (an upper bound).

@@ -32,6 +32,7 @@ from proxy.lifecycle.polling import Canceled, PollTrace, wait_terminal
 from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
 from proxy.routing import Router
 from proxy.routing.admission import Admitted
+from proxy.store import outage
 from proxy.store.budget import BudgetRefused, Hold
 from proxy.store.models import Attempt
 from proxy.store.repo import Store
@@ -142,8 +143,11 @@ class Attempts:
         quoted = job.charged_micro_usd
         raise_to = quoted if hold is not None and quoted is not None and (
             quoted > attempt.reserved_micro_usd) else None
-        await self.store.accept_attempt(attempt, raise_hold_to=raise_to,
-                                        status="processing", quoted_micro_usd=quoted, **ids)
+        # The upstream id is what makes the job followable: a database outage here
+        # is waited out (the UPDATE is safe to repeat) rather than losing a paid job.
+        await outage.retrying(lambda: self.store.accept_attempt(
+            attempt, raise_hold_to=raise_to, status="processing", quoted_micro_usd=quoted,
+            **ids))
         attempt.status, attempt.quoted_micro_usd = "processing", quoted
         log.info("attempt.accepted", prediction_id=run.pred.id, provider=provider.name,
                  attempt=attempt.seq, upstream_id=job.upstream_id)

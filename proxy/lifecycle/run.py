@@ -122,6 +122,8 @@ class Run:
     wasted: set[int] = field(default_factory=set)  # attempt ids counted as wasted cost
     # A repeat of an earlier request (same Idempotency-Key): a view, not driven by it.
     replayed: bool = False
+    # Its driver stopped because the database was unreachable: resume it when it is back.
+    store_lost: bool = False
 
 
 @dataclass(slots=True)

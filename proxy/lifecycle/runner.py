@@ -27,9 +27,11 @@ from proxy.lifecycle.run import CancelSignal, Outcome, Run, ms
 from proxy.lifecycle.steps import Plan as StepPlan
 from proxy.lifecycle.steps import Step, resume_steps
 from proxy.lifecycle.waste import count_waste
+from proxy.outputs_store import OutputStore
 from proxy.routing import Plan, Router
 from proxy.routing.admission import Admitted
 from proxy.schema import generation_from_stored
+from proxy.store import outage
 from proxy.store.repo import Store
 
 __all__ = ["Outcome", "Run", "Runner"]
@@ -60,6 +62,8 @@ class Runner:
         self.clock = clock
         self.attempts = Attempts(store, router, timedelta(seconds=prediction_deadline_s), clock,
                                  budgets or Budgets(store))
+        # Set by the app when `output_store` is configured: outputs are copied there.
+        self.output_store: OutputStore | None = None
 
     async def _set_pred(self, run: Run, **fields: Any) -> None:
         for key, value in fields.items():
@@ -73,7 +77,16 @@ class Runner:
             await self._drive(run)
         except asyncio.CancelledError:
             raise  # shutdown: the lease lapses and the prediction resumes elsewhere
-        except Exception as exc:  # a bug or a store outage must not leave it hanging
+        except Exception as exc:
+            if outage.is_outage(exc):
+                # The database is gone for longer than a write waits: failing it now
+                # could drop a paid job. The rows say how far it got; it is resumed
+                # from them when the database answers (service: `store_lost`).
+                log.warning("prediction.store_unavailable", prediction_id=run.pred.id,
+                            error=f"{type(exc).__name__}: {str(exc)[:200]}")
+                run.store_lost = True
+                return
+            # A bug must not leave it hanging.
             log.exception("prediction.crashed", prediction_id=run.pred.id)
             try:
                 await self._close_open_attempts(run)
@@ -254,18 +267,31 @@ class Runner:
         winner = outcome.attempt if outcome is not None else None
         first = winner.id if winner is not None and winner.id in pending else next(
             iter(pending), None)
+        # Safe to repeat (a repeat after a lost acknowledgement finds it ended: False).
         if first is None:
-            return await self.store.finish_prediction(run.pred.id, holds=run.holds, **fields)
-        ended = await self.store.finish_with_attempt(run.pred.id, first, pending.pop(first),
-                                                     holds=run.holds,
-                                                     **fields)
+            return await outage.retrying(lambda: self.store.finish_prediction(
+                run.pred.id, holds=run.holds, **fields))
+        attempt_end = pending.pop(first)
+        ended = await outage.retrying(lambda: self.store.finish_with_attempt(
+            run.pred.id, first, attempt_end, holds=run.holds, **fields))
         by_id = {a.id: a for a in run.attempts}
         for attempt_id, attempt_fields in pending.items():
             await self.store.end_attempt(by_id[attempt_id], holds=run.holds, **attempt_fields)
         return ended
 
+    async def _keep_outputs(self, run: Run, outcome: Outcome) -> None:
+        """Copy the outputs into the output store before the end is written, so the
+        URLs the client then hears of already work (bounded: output_copy_timeout_s);
+        one that cannot be kept stays the provider's URL."""
+        store, name = self.output_store, outcome.provider
+        provider = self.router.providers.get(name) if store and name else None
+        if store is not None and provider is not None and outcome.outputs:
+            outcome.outputs = await store.keep(provider, run.pred.id, outcome.outputs)
+
     async def _finish(self, run: Run, status: str, outcome: Outcome | None) -> None:
         pred = run.pred
+        if status == "completed" and outcome is not None and outcome.ok:
+            await self._keep_outputs(run, outcome)
         now = self.clock.now()
         started = pred.started_at or now
         last = run.attempts[-1] if run.attempts else None

@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from datetime import timedelta
+from typing import Any
 
 from structlog.contextvars import bound_contextvars
 
@@ -89,6 +90,8 @@ class PredictionService(SweepsMixin):
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="lease-sweeper")
 
     async def stop(self) -> None:
+        for task in list(self._background):  # resumptions waiting for the database
+            task.cancel()
         if self._sweeper:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -125,12 +128,17 @@ class PredictionService(SweepsMixin):
                 self._remember(run)
                 self.notifier.notify(run.pred.id)  # repeats waiting in this process
             metrics.PREDICTIONS_IN_FLIGHT.dec()
+            if run.store_lost and run.pred.status not in TERMINAL_STATUSES:
+                self._background_task(self._resume_after_outage(run.pred.id))
             if run.key is not None and run.key.budget_micro_usd is not None:
-                publish = asyncio.create_task(self.budgets.publish(run.key))
-                self._background.add(publish)
-                publish.add_done_callback(self._background.discard)
+                self._background_task(self.budgets.publish(run.key))
 
         run.task.add_done_callback(_done)
+
+    def _background_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _remember(self, run: Run) -> None:
         self._recent[run.pred.id] = (self.clock.monotonic() + RECENT_TTL_S, run)

@@ -12,6 +12,7 @@ from common.clock import Clock
 from common.logging import get_logger
 from proxy.accounts.budgets import Budgets
 from proxy.lifecycle.run import Run
+from proxy.store import outage
 from proxy.store.models import utcnow
 from proxy.store.repo import Store
 
@@ -61,6 +62,25 @@ class SweepsMixin:
             if run is not None and run.task is not None and not run.done.is_set():
                 log.warning("lease.lost", prediction_id=pred_id, instance_id=self.instance_id)
                 run.task.cancel()
+
+    async def _resume_after_outage(self, prediction_id: str) -> None:
+        """A run stopped by a database outage: take it up again from its rows once the
+        database answers (our own lease still holds it, so no peer waits out lease_s).
+        Gives up when someone else holds it or it ended."""
+        delay = 0.5
+        deadline = self.clock.monotonic() + self.prediction_deadline_s
+        while self.clock.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                if await self.store.claim(prediction_id, self.instance_id, self.lease_s):
+                    await self._adopt(prediction_id)
+                    log.info("prediction.resumed_after_outage", prediction_id=prediction_id)
+                return
+            except Exception as exc:
+                if not outage.is_outage(exc):
+                    log.exception("prediction.resume_failed", prediction_id=prediction_id)
+                    return
+            delay = min(delay * 2, 5.0)
 
     async def _publish_budgets(self) -> None:
         """About once a minute (and at start): every budgeted key's gauges."""

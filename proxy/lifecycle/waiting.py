@@ -8,6 +8,7 @@ import asyncio
 
 from proxy.lifecycle.notify import DoneNotifier
 from proxy.lifecycle.run import Run
+from proxy.store import outage
 from proxy.store.models import TERMINAL_STATUSES
 from proxy.store.repo import Store
 
@@ -25,7 +26,12 @@ async def wait_elsewhere(store: Store, notifier: DoneNotifier, run: Run, timeout
     try:
         while True:
             signal.clear()
-            found = await store.get_with_attempts(run.pred.id)
+            try:
+                found = await store.get_with_attempts(run.pred.id)
+            except Exception as exc:  # the database restarting: keep waiting
+                if not outage.is_outage(exc):
+                    raise
+                found = None
             if found is not None:
                 run.pred, run.attempts = found[0], found[1]
                 if run.pred.status in TERMINAL_STATUSES:

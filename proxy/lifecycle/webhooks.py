@@ -51,7 +51,7 @@ class WebhookConfig:
     backoff_s: float = 5.0
     backoff_max_s: float = 600.0
     poll_s: float = 1.0  # how often the database is asked for due deliveries
-    lease_s: float = 60.0  # longer than one POST may take
+    lease_s: float = 25.0  # longer than one POST may take
     batch: int = 50
     concurrency: int = 16  # POSTs at once, per process
     keyless_secret: str | None = None  # signs predictions made without a client key

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from common import media
 from common.logging import get_logger
 from providers.base import ErrorKind, GenerationRequest, ProviderError, UpstreamJob
 from providers.wrapper import WrapperProvider
@@ -63,3 +64,6 @@ class InstrumentedProvider(WrapperProvider):
 
     async def download(self, url: str) -> tuple[bytes, str | None]:
         return await self._timed("download", self.inner.download(url))
+
+    async def download_to(self, url: str, sink: media.Sink) -> str | None:
+        return await self._timed("download", self.inner.download_to(url, sink))
