@@ -94,7 +94,8 @@ def _webhooks(settings: Settings, store: Store, instance_id: str) -> WebhookDisp
         backoff_s=settings.webhook_backoff_s, backoff_max_s=settings.webhook_backoff_max_s,
         # Outlives one POST (so no peer sends it meanwhile); what a dead process had
         # leased is sent again this soon after.
-        lease_s=2 * settings.webhook_timeout_s + 5, keyless_secret=keyless)
+        lease_s=2 * settings.webhook_timeout_s + 5, keyless_secret=keyless,
+        history_s=settings.webhook_history_s)
     return WebhookDispatcher(store, webhook_body, instance_id=instance_id, guard=guard,
                              config=config)
 

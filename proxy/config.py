@@ -108,6 +108,8 @@ class Settings(BaseSettings):
     # keeps signing too for webhook_secret_grace_s (both signatures are sent).
     webhook_secret: SecretStr | None = None
     webhook_secret_grace_s: float = Field(default=24 * 3600.0, ge=0)
+    # Finished deliveries and their POSTs (GET /admin/webhooks) are kept this long.
+    webhook_history_s: float = Field(default=7 * 86_400.0, gt=0)
     # Outputs the proxy keeps (proxy/outputs_store/): unset, clients get the providers'
     # URLs; a folder (or file:// URL) or s3://bucket/prefix, each output is copied there
     # (at most output_store_max_bytes, within output_copy_timeout_s) before the

@@ -345,3 +345,32 @@ def test_payload_is_the_prediction_as_get_shows_it(tmp_path: Path) -> None:
     assert body["id"] == pred.id and body["outputs"] == ["https://cdn.example/1.jpg"]
     assert body["urls"]["get"] == f"https://flux.internal/v1/predictions/{pred.id}"
     assert set(body) == set(prediction_view(pred, [], "x").__struct_fields__)
+
+
+async def test_finished_deliveries_are_forgotten_after_the_history_window(
+    tmp_path: Path, wavespeed_sim: SimulatorServer, receiver: Receiver
+) -> None:
+    """The two webhook tables stay bounded: finished deliveries and their POSTs go
+    after webhook_history_s; one still waiting stays."""
+    from datetime import timedelta
+
+    from proxy.store.models import utcnow
+
+    settings = keyed(tmp_path, wavespeed_sim, webhook_backoff_s=30)
+    async with running_proxy(settings) as c:
+        auth, _ = await new_key(c)
+        done = (await c.post("/v1/predictions", headers=auth,
+                             json={**BODY, "webhook": receiver.url})).json()["id"]
+        await receiver.wait(lambda h: len(h.accepted()) == 1)
+        await settled(c, done)
+        receiver.codes = [500] * 200  # this one's delivery keeps waiting (30 s backoff)
+        waiting = (await c.post("/v1/predictions", headers=auth,
+                                json={**BODY, "webhook": receiver.url})).json()["id"]
+        await receiver.wait(lambda h: len(h.received) == 2)
+    async with Store(settings.database_url) as store:
+        assert await store.sweep_webhooks(utcnow() - timedelta(hours=1)) == 0  # too recent
+        assert await store.sweep_webhooks(utcnow() + timedelta(seconds=1)) == 1
+        assert await store.list_webhooks(prediction_id=done) == []
+        [kept] = await store.list_webhooks(prediction_id=waiting)
+        assert kept.status == "waiting"
+        assert (await store.webhook_attempts([kept.id]))[kept.id]

@@ -35,6 +35,7 @@ from proxy.store.webhooks import AttemptResult
 
 log = get_logger("flux_proxy.webhooks")
 EVENT_HEADER = "X-Flux-Webhook-Event"
+HISTORY_SWEEP_S = 3600.0
 # Renders a prediction as the body a receiver gets (the app passes api/render's view).
 Render = Callable[[Prediction, list[Attempt], str], bytes]
 
@@ -55,6 +56,7 @@ class WebhookConfig:
     batch: int = 50
     concurrency: int = 16  # POSTs at once, per process
     keyless_secret: str | None = None  # signs predictions made without a client key
+    history_s: float = 7 * 86_400.0  # finished deliveries (and their POSTs) kept this long
 
 
 class WebhookDispatcher:
@@ -120,7 +122,14 @@ class WebhookDispatcher:
         self._wake.set()
 
     async def _loop(self) -> None:
+        swept_at = float("-inf")
         while not self._stopping:
+            if time.monotonic() - swept_at > HISTORY_SWEEP_S:  # bounds the two tables
+                swept_at = time.monotonic()
+                with contextlib.suppress(Exception):
+                    cutoff = utcnow() - timedelta(seconds=self.config.history_s)
+                    if swept := await self.store.sweep_webhooks(cutoff):
+                        log.info("webhook.history_swept", count=swept)
             try:
                 sent = await self.run_once()
             except Exception:  # a database blip must not stop deliveries for good

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Table, and_, insert, or_, select, update
+from sqlalchemy import Table, and_, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from proxy.store._sql import rowcount
@@ -139,6 +139,20 @@ class WebhookMixin:
                 d.lease_owner == owner, d.status == "waiting").values(
                 lease_owner=None, lease_expires_at=None))
             return rowcount(result)
+
+    async def sweep_webhooks(self, created_before: datetime, limit: int = 1000) -> int:
+        """Forget finished deliveries (delivered, failed, skipped) made before then,
+        with their POSTs, at most `limit` at a time; how many went."""
+        d = DELIVERIES.c
+        old = (select(d.id).where(d.status.in_(["delivered", "failed", "skipped"]),
+                                  d.created_at < created_before).limit(limit))
+        async with self._sessions() as session, session.begin():
+            ids = list((await session.execute(old)).scalars())
+            if ids:
+                await session.execute(delete(WEBHOOK_ATTEMPTS).where(
+                    WEBHOOK_ATTEMPTS.c.delivery_id.in_(ids)))
+                await session.execute(delete(DELIVERIES).where(d.id.in_(ids)))
+        return len(ids)
 
     async def list_webhooks(self, *, prediction_id: str | None = None,
                             status: str | None = None, limit: int = 50,
