@@ -19,7 +19,7 @@ from providers.registry import build_provider
 from proxy import metrics
 from proxy.accounts.auth import Auth
 from proxy.accounts.ratelimit import limiter_for
-from proxy.api import openai_compat, vibedream_compat, wavespeed_compat
+from proxy.api import openai_compat, playground, vibedream_compat, wavespeed_compat
 from proxy.api.admin import AdminKeysController
 from proxy.api.deps import DEPENDENCIES
 from proxy.api.errors import http_exception_handler, internal_error_handler
@@ -197,7 +197,7 @@ def create_app(
                         healthz, readyz, metrics_page,
                         # Compatibility surfaces: other wire formats onto the same service.
                         *openai_compat.HANDLERS, *wavespeed_compat.HANDLERS,
-                        *vibedream_compat.HANDLERS],
+                        *vibedream_compat.HANDLERS, *playground.HANDLERS],
         lifespan=[lifespan],
         # flux_proxy_http_* per route (not /metrics); its buckets go past sync_timeout_s.
         middleware=[HttpMetrics],

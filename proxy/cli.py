@@ -1,4 +1,5 @@
 """`flux-proxy serve | db upgrade | keys ... | spend | worker | simulate ...`
+(and a running proxy's client commands, `generate | predictions | models`, in cli_client.py)
 
 `keys`, `spend` and `db` resolve settings exactly as `serve` does and say on
 stderr which database they use; `keys` and `spend` never create one. With
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from proxy.cli_client import register as register_client_commands
 from proxy.cli_support import (
     _auth,
     _Proxy,
@@ -30,8 +32,12 @@ if TYPE_CHECKING:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flux-proxy", prog_name="flux-proxy")  # importlib.metadata
 def main() -> None:
     """flux-proxy: one endpoint for FLUX.1 [dev] across providers."""
+
+
+register_client_commands(main)  # generate, predictions, models: proxy/cli_client.py
 
 
 @main.command()

@@ -27,8 +27,11 @@ ENV_DELIMITER = "__"
 CONFIG_VARIABLE = "FLUX_PROXY_CONFIG"  # names the TOML file; not itself a setting
 # Variables that steer the test run, not the proxy (tests/conftest.py keeps them).
 TEST_RUN_VARIABLES = frozenset({"FLUX_PROXY_SKIP_PG", "FLUX_PROXY_TEST_PG_URL"})
+# Variables of the client side (the flux_proxy package, `flux-proxy generate`): a shell
+# that exports them can still run `serve`, `keys` and `spend`.
+CLIENT_VARIABLES = frozenset({"FLUX_PROXY_URL", "FLUX_PROXY_API_KEY"})
 # FLUX_PROXY_* variables that are allowed without being settings.
-NOT_SETTINGS = frozenset({CONFIG_VARIABLE, *TEST_RUN_VARIABLES})
+NOT_SETTINGS = frozenset({CONFIG_VARIABLE, *TEST_RUN_VARIABLES, *CLIENT_VARIABLES})
 
 DEFAULT_PROVIDERS = ("local", "wavespeed", "vibedream")
 # Env names the provider contracts use; each maps onto providers.<name>.<field>.
