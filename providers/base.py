@@ -160,6 +160,8 @@ class UpstreamJob:
     # can be done at the earliest (e.g. VibeDream's estimatedTime "5-15s" -> 5.0):
     # the first poll waits that long. None: the upstream gave no usable estimate.
     ready_after_s: float | None = None
+    # (step, total) of a running job, where the upstream reports it (our GPU worker).
+    progress: tuple[int, int] | None = None
 
 
 # --------------------------------------------------------------------------- errors

@@ -217,6 +217,7 @@ class LocalProvider(BaseProvider):
             charged_micro_usd=charged,
             inference_ms=round(inference) if isinstance(inference, (int, float)) else None,
             raw_status=raw,
+            progress=_progress(data.get("progress")),
         )
 
     async def cancel(self, job: UpstreamJob) -> bool:
@@ -246,3 +247,13 @@ class LocalProvider(BaseProvider):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _progress(value: Any) -> tuple[int, int] | None:
+    """The worker's {"step": i, "total": n} (steps done of the denoising loop)."""
+    if not isinstance(value, dict):
+        return None
+    step, total = value.get("step"), value.get("total")
+    if type(step) is int and type(total) is int and 0 <= step <= total and total > 0:
+        return step, total
+    return None

@@ -77,7 +77,7 @@ def _client(url: str, api_key: str | None, as_json: bool = False) -> Iterator[Fl
 
 def describe(pred: Prediction, elapsed: float) -> str:
     """One line of where a prediction is: status, provider, attempt, step i/n, elapsed.
-    (Steps only where the prediction reports `progress`; no backend does so yet.)"""
+    (Steps where the prediction reports `progress`: the local GPU worker does.)"""
     parts = [pred.status]
     if pred.provider:
         parts.append(pred.provider)

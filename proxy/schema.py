@@ -290,6 +290,11 @@ class AttemptView(msgspec.Struct):
     completed_at: datetime | None
 
 
+class Progress(msgspec.Struct):
+    step: int  # denoising steps done
+    total: int
+
+
 class PredictionView(msgspec.Struct):
     id: str
     model: str
@@ -313,6 +318,8 @@ class PredictionView(msgspec.Struct):
     cancel_requested: bool = False
     # The wire format the request came in: native, openai, wavespeed or vibedream.
     surface: str = "native"
+    # While running, where the upstream reports steps (our GPU worker); else null.
+    progress: Progress | None = None
 
 
 class PredictionList(msgspec.Struct):

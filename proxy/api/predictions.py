@@ -132,7 +132,8 @@ class PredictionController(Controller):
             pred, attempts = await api.service.get(prediction_id, principal_of(request))
         except NotFound:
             return error_response(404, f"no prediction {prediction_id}")
-        return Response(prediction_view(pred, attempts, base_url(request, api.settings)))
+        return Response(prediction_view(pred, attempts, base_url(request, api.settings),
+                                        api.service.progress_of(pred.id)))
 
     @post("/{prediction_id:str}/cancel", status_code=200, summary="Cancel a prediction",
           responses={**_ONE, **_errors(401, 404, 409)})

@@ -8,7 +8,7 @@ import msgspec
 from litestar import Request
 
 from proxy.config import Settings
-from proxy.schema import AttemptView, PredictionView, Urls, usd
+from proxy.schema import AttemptView, PredictionView, Progress, Urls, usd
 from proxy.store.models import Attempt, Prediction
 
 
@@ -35,7 +35,8 @@ def output_urls(outputs: list[str] | None, base_url: str) -> list[str]:
     return [base + o if o.startswith("/") else o for o in outputs or []]
 
 
-def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> PredictionView:
+def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str,
+                    progress: tuple[int, int] | None = None) -> PredictionView:
     base = f"{base_url.rstrip('/')}/v1/predictions/{p.id}"
     # While running, cost is what the attempts have recorded so far.
     cost = p.cost_micro_usd or sum(a.cost_micro_usd for a in attempts)
@@ -59,6 +60,7 @@ def prediction_view(p: Prediction, attempts: list[Attempt], base_url: str) -> Pr
         urls=Urls(get=base, cancel=f"{base}/cancel"),
         cancel_requested=bool(p.cancel_requested),
         surface=str((p.request or {}).get("surface", "native")),
+        progress=Progress(step=progress[0], total=progress[1]) if progress else None,
     )
 
 

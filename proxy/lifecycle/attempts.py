@@ -182,7 +182,8 @@ class Attempts:
         trace = PollTrace() if learn else None
         try:
             if not job.status.terminal:
-                job = await wait_terminal(provider, job, until, cancel, self.clock, trace)
+                job = await wait_terminal(provider, job, until, cancel, self.clock, trace,
+                                          on_progress=run.set_progress)
         except Canceled:
             await self._cancel_upstream(provider, job)
             await self.end(run, attempt, provider, "canceled", error=cancel.reason,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -60,6 +61,7 @@ async def _sleep(cancel: asyncio.Event | Signal, seconds: float) -> bool:
 async def wait_terminal(
     provider: Provider, job: UpstreamJob, until: datetime, cancel: asyncio.Event | Signal,
     clock: Clock, trace: PollTrace | None = None,
+    on_progress: Callable[[tuple[int, int]], None] | None = None,
 ) -> UpstreamJob:
     """Poll with backoff (the provider's poll_initial_s * poll_multiplier^n, capped
     at poll_max_s) until terminal. The first poll waits for the job's
@@ -115,6 +117,8 @@ async def wait_terminal(
         except Exception as exc:  # tenacity kept any error as the outcome, to judge
             error = exc
         else:
+            if on_progress is not None and current.progress is not None:
+                on_progress(current.progress)
             if trace is not None:
                 at = (clock.now() - started).total_seconds()
                 if not current.status.terminal:

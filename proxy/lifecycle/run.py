@@ -124,6 +124,11 @@ class Run:
     replayed: bool = False
     # Its driver stopped because the database was unreachable: resume it when it is back.
     store_lost: bool = False
+    # (step, total) of the running attempt, where its upstream reports it; memory only.
+    progress: tuple[int, int] | None = None
+
+    def set_progress(self, progress: tuple[int, int]) -> None:
+        self.progress = progress
 
 
 @dataclass(slots=True)

@@ -284,6 +284,12 @@ class PredictionService(SweepsMixin):
         return await wait_elsewhere(self.store, self.notifier, run,
                                     max(0.0, deadline - loop.time()))
 
+    def progress_of(self, prediction_id: str) -> tuple[int, int] | None:
+        """(step, total) of a prediction this process drives, where its upstream
+        reports steps (the GPU worker); None otherwise."""
+        run = self._runs.get(prediction_id)
+        return run.progress if run is not None and not run.done.is_set() else None
+
     async def get(self, prediction_id: str, principal: Principal | None = None
                   ) -> tuple[Prediction, list[Attempt]]:
         """A client key sees only its own predictions; others are 'not found'."""
