@@ -36,7 +36,7 @@ from proxy.config import Settings
 from proxy.lifecycle.notify import notifier_for
 from proxy.lifecycle.service import PredictionService
 from proxy.lifecycle.webhooks import WebhookConfig, WebhookDispatcher
-from proxy.outputs_store import open_store
+from proxy.outputs_store import open_store, signing
 from proxy.routing import Router
 from proxy.routing.instrumented import InstrumentedProvider
 from proxy.store.repo import Store
@@ -152,7 +152,9 @@ def create_app(
             key_secret=settings.key_secret.get_secret_value() if settings.key_secret else None,
             limiter=limiter_for(shared=shared, store=store, workers=settings.workers),
         )
-        await app.state.auth.secret()
+        key_hash_secret = await app.state.auth.secret()
+        if output_store is not None and settings.output_signed_urls:
+            output_store.signing_key = signing.derive_key(key_hash_secret)
         health_sync = _health_sync(router, shared, instance_id) if shared else None
         if health_sync is not None:
             await health_sync.start()

@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     output_retention_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     output_sweep_interval_s: float = Field(default=60.0, gt=0)
     output_store_s3_endpoint_url: str | None = None
+    # The kept outputs' URLs carry a signature valid for their retention, so a client
+    # can fetch them without its key (as SDKs fetch providers' image URLs); off: the
+    # route takes the caller's key only.
+    output_signed_urls: bool = True
     # Leases: a prediction driven by a process that stopped renewing is resumed elsewhere.
     lease_s: float = Field(default=30.0, gt=0)
     # Names this process in leases; a restart with the same id resumes its own

@@ -70,6 +70,11 @@ def stored_files(tmp_path: Path) -> list[Path]:
     return files_under(tmp_path / "outputs")
 
 
+
+def bare(url: str) -> str:
+    """A listed output URL without its signature."""
+    return url.split("?", 1)[0]
+
 async def test_outputs_are_kept_listed_and_served_to_their_key_only(tmp_path: Path) -> None:
     stored_before = copies("stored")
     with SimulatorServer("wavespeed", SimConfig(job_latency_s=0.05)) as sim:
@@ -79,8 +84,10 @@ async def test_outputs_are_kept_listed_and_served_to_their_key_only(tmp_path: Pa
             assert r.status_code == 200, r.text
             pred = r.json()
             pid = pred["id"]
-            urls = [f"{BASE}/v1/predictions/{pid}/outputs/{n}" for n in range(2)]
-            assert pred["status"] == "completed" and pred["outputs"] == urls
+            paths = [f"/v1/predictions/{pid}/outputs/{n}" for n in range(2)]
+            urls = pred["outputs"]  # signed: ?expires=...&sig=...
+            assert pred["status"] == "completed" and [bare(u) for u in urls] == [
+                BASE + p for p in paths]
             assert copies("stored") == stored_before + 2
             expected = served_by_simulator(sim, pred["attempts"][0]["upstream_id"])
             assert [t for _, t in expected] == ["image/png", "image/png"]
@@ -98,8 +105,8 @@ async def test_outputs_are_kept_listed_and_served_to_their_key_only(tmp_path: Pa
                 "model": "flux-dev", "prompt": "a red fox", "size": "512x512", "n": 1})
             assert oa.status_code == 200, oa.text
             oa_id = oa.headers["x-flux-prediction-id"]
-            assert oa.json()["data"] == [
-                {"url": f"{BASE}/v1/predictions/{oa_id}/outputs/0"}]
+            [oa_image] = oa.json()["data"]
+            assert bare(oa_image["url"]) == f"{BASE}/v1/predictions/{oa_id}/outputs/0"
 
             # The bytes the simulator served, with its content type, to the owner;
             # not gzipped (images are compressed already).
@@ -112,9 +119,20 @@ async def test_outputs_are_kept_listed_and_served_to_their_key_only(tmp_path: Pa
             admin = await c.get(urls[0], headers=bearer(ADMIN))
             assert admin.status_code == 200 and admin.content == expected[0][0]
 
-            # Another key, no key, an index out of range, a made-up id: 404 / 401.
-            assert (await c.get(urls[0], headers=other)).status_code == 404
-            assert (await c.get(urls[0])).status_code == 401
+            # The listed (signed) URL needs no key, as SDKs fetch image URLs bare; the
+            # signature is for that path and expiry only.
+            signed = await c.get(urls[0])
+            assert signed.status_code == 200 and signed.content == expected[0][0]
+            path0, query = urls[0].removeprefix(BASE).split("?")
+            assert (await c.get(f"{paths[1]}?{query}")).status_code == 401  # another output
+            tampered = query[:-2] + ("AA" if not query.endswith("AA") else "BB")
+            assert (await c.get(f"{path0}?{tampered}")).status_code == 401
+            later = query.replace("expires=", "expires=1")  # a later expiry: not signed
+            assert (await c.get(f"{path0}?{later}")).status_code == 401
+            # Without the signature: another key, no key, an index out of range, a
+            # made-up id: 404 / 401.
+            assert (await c.get(paths[0], headers=other)).status_code == 404
+            assert (await c.get(paths[0])).status_code == 401
             for n in ("2", "16", "-1", "+0", "x", "0x0", "1.0"):
                 path = f"/v1/predictions/{pid}/outputs/{n}"
                 assert (await c.get(path, headers=owner)).status_code == 404, n
@@ -302,7 +320,8 @@ async def test_outputs_kept_in_an_s3_bucket(tmp_path: Path, s3_server: Any,
     async with running_proxy(settings) as c:
         pred = (await c.post("/v1/predictions", json=PNG_BODY, headers=bearer(ADMIN))).json()
         pid = pred["id"]
-        assert pred["outputs"] == [f"{BASE}/v1/predictions/{pid}/outputs/{n}" for n in (0, 1)]
+        assert [bare(u) for u in pred["outputs"]] == [
+            f"{BASE}/v1/predictions/{pid}/outputs/{n}" for n in (0, 1)]
         expected = served_by_simulator(wavespeed_sim, pred["attempts"][0]["upstream_id"])
         for n, (data, ctype) in enumerate(expected):
             out = await c.get(pred["outputs"][n], headers=bearer(ADMIN))
@@ -330,3 +349,31 @@ def test_the_compose_stack_keeps_outputs_on_a_volume() -> None:
     assert f"proxy-outputs:{folder}" in proxy["volumes"] and "proxy-outputs" in compose["volumes"]
     # The image makes the folder, owned by its user, so the volume starts writable.
     assert f"mkdir -p /data/media {folder}" in (root / "Dockerfile").read_text()
+
+
+def test_a_signature_covers_one_path_until_its_expiry() -> None:
+    from proxy.outputs_store import signing
+
+    key = signing.derive_key(b"key-hash-secret")
+    assert key != signing.derive_key(b"another secret")
+    path = "/v1/predictions/01a2/outputs/0"
+    url = signing.signed(key, path, 2_000)
+    query = dict(p.split("=", 1) for p in url.split("?", 1)[1].split("&"))
+    assert signing.valid(key, path, query["expires"], query["sig"], now=1_999.0)
+    assert not signing.valid(key, path, query["expires"], query["sig"], now=2_000.0)  # expired
+    assert not signing.valid(key, path.replace("/0", "/1"), query["expires"], query["sig"],
+                             now=1_000.0)
+    assert not signing.valid(signing.derive_key(b"x"), path, query["expires"], query["sig"],
+                             now=1_000.0)
+    for bad in ("", "-1", "2e3", "9" * 13):
+        assert not signing.valid(key, path, bad, query["sig"], now=0.0)
+
+
+async def test_unsigned_urls_when_signing_is_off(tmp_path: Path,
+                                                 wavespeed_sim: SimulatorServer) -> None:
+    settings = kept_settings(tmp_path, wavespeed_sim, output_signed_urls=False)
+    async with running_proxy(settings) as c:
+        pred = (await c.post("/v1/predictions", json=PNG_BODY, headers=bearer(ADMIN))).json()
+        assert all("?" not in u for u in pred["outputs"])
+        assert (await c.get(pred["outputs"][0])).status_code == 401
+        assert (await c.get(pred["outputs"][0], headers=bearer(ADMIN))).status_code == 200

@@ -2,8 +2,9 @@
 
 `n` is 0-based, the output's index in the prediction's `outputs`. The caller's key
 must see the prediction (the rule of GET /v1/predictions/{id}: its own, or the admin
-key); anything else is 404, as are an index out of range, an output that was not kept
-(it is the provider's URL in `outputs`), one past `output_retention_s`, and every
+key), or the URL must carry the signature the proxy listed it with (SDK code downloads
+image URLs bare); anything else is 404, as are an index out of range, an output that
+was not kept (it is the provider's URL in `outputs`), one past `output_retention_s`, and every
 `output_store` that is off. The bytes are streamed from the store as they are read.
 """
 
@@ -12,11 +13,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Request, Response, get
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, Parameter
 from litestar.response import Stream
 
-from proxy.accounts.auth import principal_of, require_key
+from proxy.accounts.auth import Principal, principal_of, require_key
 from proxy.api.deps import ApiDep
 from proxy.api.errors import error_response
 from proxy.lifecycle.service import NotFound
@@ -27,7 +30,22 @@ from proxy.schema import ErrorResponse
 SKIP_COMPRESSION = "skip_compression"
 
 
-@get("/v1/predictions/{prediction_id:str}/outputs/{n:str}", guards=[require_key],
+async def require_key_or_signature(connection: ASGIConnection[Any, Any, Any, Any],
+                                   handler: BaseRouteHandler) -> None:
+    """The caller's key, or a valid signature for this very path (the URL the proxy
+    listed: outputs_store/signing.py), which grants this one output and nothing else."""
+    store = connection.app.state.get("output_store")
+    params = connection.query_params
+    expires, sig = params.get("expires"), params.get("sig")
+    if (store is not None and isinstance(expires, str) and isinstance(sig, str)
+            and store.signature_valid(connection.url.path, expires, sig)):
+        connection.state.principal = Principal()  # sees it: the signature is the grant
+        return
+    await require_key(connection, handler)
+
+
+@get("/v1/predictions/{prediction_id:str}/outputs/{n:str}",
+     guards=[require_key_or_signature],
      tags=["predictions"], opt={SKIP_COMPRESSION: True},
      summary="Get an output image the proxy keeps (n is 0-based)",
      description="Output `n` (0-based, its index in `outputs`) of a prediction the key can "
@@ -56,7 +74,7 @@ async def get_output(request: Request[Any, Any, Any], prediction_id: FromPath[st
     store = api.output_store
     # Only what the row says was kept: never a name built from the request alone.
     if store is None or not 0 <= index < len(outputs) or (
-            outputs[index] != output_path(pred.id, index)):
+            outputs[index].split("?", 1)[0] != output_path(pred.id, index)):
         return missing
     try:
         blob = await store.open(pred.id, index)

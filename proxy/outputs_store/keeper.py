@@ -27,6 +27,7 @@ from common import media
 from common.logging import get_logger
 from providers.base import Provider, ProviderError
 from proxy import metrics
+from proxy.outputs_store import signing
 from proxy.outputs_store.backend import Backend, Blob, StoreError, valid_name
 
 log = get_logger("flux_proxy.outputs")
@@ -59,6 +60,8 @@ class OutputStore:
         self.copy_timeout_s = copy_timeout_s
         self.sweep_interval_s = sweep_interval_s
         self.clock = clock  # unix seconds; tests move it
+        # Set by the app from the key-hash secret: listed URLs are signed (signing.py).
+        self.signing_key: bytes | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ copying
@@ -86,12 +89,24 @@ class OutputStore:
             metrics.OUTPUT_COPIES.labels("stored").inc()
             log.debug("output.stored", prediction_id=prediction_id, n=n, bytes=size,
                       provider=provider.name)
-            return output_path(prediction_id, n)
+            return self.listed_path(prediction_id, n)
         metrics.OUTPUT_COPIES.labels(result).inc()
         log.warning("output.copy_failed", prediction_id=prediction_id, n=n,
                     provider=provider.name, result=result, reason=reason,
                     message="the client gets the provider's URL for this output")
         return url
+
+    def listed_path(self, prediction_id: str, n: int) -> str:
+        """What the row holds for a kept output: its path, signed until the output's
+        retention ends when a signing key is set."""
+        path = output_path(prediction_id, n)
+        if self.signing_key is None:
+            return path
+        return signing.signed(self.signing_key, path, int(self.clock() + self.retention_s))
+
+    def signature_valid(self, path: str, expires: str, sig: str) -> bool:
+        return self.signing_key is not None and signing.valid(
+            self.signing_key, path, expires, sig, self.clock())
 
     async def _copy(self, provider: Provider, prediction_id: str, n: int, url: str) -> int:
         """Stream the output into the store as it downloads (never held whole), capped
