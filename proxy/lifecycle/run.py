@@ -124,6 +124,9 @@ class Run:
     replayed: bool = False
     # Its driver stopped because the database was unreachable: resume it when it is back.
     store_lost: bool = False
+    # It has webhook deliveries waiting on its end (a resumed run may: assume so), so
+    # its end nudges the dispatcher; the others spare it a database round trip each.
+    webhooks: bool = True
     # (step, total) of the running attempt, where its upstream reports it; memory only.
     progress: tuple[int, int] | None = None
 

@@ -121,7 +121,7 @@ class PredictionService(SweepsMixin):
                                            name=f"prediction-{run.pred.id}")
 
         def _done(_: asyncio.Task[None]) -> None:
-            if self.on_change is not None:
+            if self.on_change is not None and run.webhooks:
                 self.on_change()
             self._runs.pop(run.pred.id, None)
             if run.pred.status in TERMINAL_STATUSES:
@@ -214,7 +214,8 @@ class PredictionService(SweepsMixin):
         # Failover may land on any candidate: hold the dearest one's price.
         expected = max(self.router.expected_cost(p, gen) for p in plan.providers)
         hold = self.budgets.hold(key, expected)
-        run = Run(pred=pred, attempts=[], key=key, holds=hold is not None)
+        run = Run(pred=pred, attempts=[], key=key, holds=hold is not None,
+                  webhooks=bool(webhooks))
         # A provider free to take it now: the first attempt's row goes in the same
         # transaction as the prediction's, so the sync path writes twice in all.
         admitted = self.runner.acquire(plan.providers)
