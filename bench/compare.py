@@ -49,7 +49,15 @@ from bench.harness import procs
 from bench.harness.cpu import machine_info, process_tree, wait_quiet
 from bench.harness.fake_openai import GENERATIONS, check_images, start_fake_openai
 from bench.harness.load import BenchError, json_object
-from bench.harness.procs import HOST, Service, clean_env, cli, free_port, services
+from bench.harness.procs import (
+    HOST,
+    Service,
+    clean_env,
+    cli,
+    event_loop_runner,
+    free_port,
+    services,
+)
 from bench.harness.proxy import (
     add_postgres_args,
     bearer,
@@ -332,14 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.with_litellm:
         install = ll.ensure_venv(args.litellm_venv or ll.default_venv(), args.litellm_version, log,
                               any_version=args.litellm_venv is not None)
-    runner_kw: dict[str, Any] = {}
-    try:
-        import uvloop
-
-        runner_kw["loop_factory"] = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(**runner_kw) as runner:
+    with event_loop_runner() as runner:
         try:
             systems = runner.run(run(args, install))
         except (asyncio.CancelledError, KeyboardInterrupt):

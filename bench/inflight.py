@@ -54,7 +54,14 @@ from bench.harness.openloop import (
     rss_bytes,
     start_prober,
 )
-from bench.harness.procs import HOST, cancel_on_sigterm, copy_logs, free_port, services
+from bench.harness.procs import (
+    HOST,
+    cancel_on_sigterm,
+    copy_logs,
+    event_loop_runner,
+    free_port,
+    services,
+)
 from bench.harness.profile import Profiler
 from bench.harness.proxy import (
     add_postgres_args,
@@ -351,13 +358,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
-    runner_kw: dict[str, Any] = {}
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner_kw["loop_factory"] = uvloop.new_event_loop
     begun = time.time()
-    with asyncio.Runner(**runner_kw) as runner:
+    with event_loop_runner() as runner:
         try:
             steps, config = runner.run(run(args))
         except (asyncio.CancelledError, KeyboardInterrupt):

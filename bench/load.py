@@ -51,7 +51,15 @@ import httpx
 from bench.harness.cpu import CpuWindow, machine_info, wait_quiet
 from bench.harness.litellm import RssPeak, tree_rss_bytes
 from bench.harness.openloop import arrivals
-from bench.harness.procs import HOST, Service, cancel_on_sigterm, copy_logs, free_port, services
+from bench.harness.procs import (
+    HOST,
+    Service,
+    cancel_on_sigterm,
+    copy_logs,
+    event_loop_runner,
+    free_port,
+    services,
+)
 from bench.harness.proxy import (
     add_postgres_args,
     bearer,
@@ -278,13 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
-    runner_kw: dict[str, Any] = {}
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner_kw["loop_factory"] = uvloop.new_event_loop
     begun = time.time()
-    with asyncio.Runner(**runner_kw) as runner:
+    with event_loop_runner() as runner:
         try:
             steps, metas = runner.run(run(args))
         except (asyncio.CancelledError, KeyboardInterrupt):

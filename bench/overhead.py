@@ -59,7 +59,14 @@ if not __package__:  # run by path: this checkout's bench/, not one on PYTHONPAT
 
 from bench.harness.cpu import OTHER_LOAD_WARN, CpuUsage, CpuWindow, machine_info, wait_quiet
 from bench.harness.load import closed_loop
-from bench.harness.procs import HOST, cancel_on_sigterm, copy_logs, free_port, services
+from bench.harness.procs import (
+    HOST,
+    cancel_on_sigterm,
+    copy_logs,
+    event_loop_runner,
+    free_port,
+    services,
+)
 from bench.harness.profile import Profiler
 from bench.harness.proxy import (
     add_postgres_args,
@@ -371,14 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = machine_info()
     started = time.time()
-    runner_kw: dict[str, Any] = {}
-    try:
-        import uvloop
-
-        runner_kw["loop_factory"] = uvloop.new_event_loop
-    except ImportError:
-        pass
-    with asyncio.Runner(**runner_kw) as runner:
+    with event_loop_runner() as runner:
         try:
             rows = runner.run(run(args))
         except (asyncio.CancelledError, KeyboardInterrupt):

@@ -86,6 +86,15 @@ def serving_app(app: Any, name: str = "app") -> Iterator[str]:
         sock.close()
 
 
+def create_key(base_url: str, admin_key: str, name: str, **spec: Any) -> str:
+    """A new client key through a running proxy's POST /admin/keys: the key."""
+    r = httpx.post(f"{base_url}/admin/keys", json={"name": name, **spec},
+                   headers={"Authorization": f"Bearer {admin_key}"}, timeout=10)
+    assert r.status_code == 201, r.text
+    key: str = r.json()["key"]
+    return key
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,14 +22,20 @@ from proxy.store import Store
 # proxy allows them too; they are defined once, in proxy/config.py).
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never reach a real upstream: no provider key or config leaks in."""
+def isolate_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No provider key or proxy config of the machine leaks into a test (module
+    fixtures call it with a MonkeyPatch of their own)."""
     for name in list(os.environ):
         if name in TEST_RUN_VARIABLES:
             continue
         if name.startswith(("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_", "LOCAL_WORKER")):
             monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never reach a real upstream: no provider key or config leaks in."""
+    isolate_env(monkeypatch)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

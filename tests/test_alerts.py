@@ -5,9 +5,7 @@ that docker-compose.yml starts."""
 from __future__ import annotations
 
 import glob
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
@@ -18,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from providers.simulators import SimulatorServer
 
+from ._debian import debian_binary
 from .conftest import make_settings, running_proxy, wait_terminal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,39 +50,10 @@ def alert_rules() -> list[dict[str, Any]]:
             if "alert" in rule]
 
 
-def _install_promtool() -> str | None:
-    """Debian's `prometheus` package (promtool with it); why not, or None when done."""
-    if shutil.which("apt-get") is None:
-        return "promtool is not installed and there is no apt-get to install it"
-    sudo: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None:
-            return "promtool is not installed, and installing it needs root (no sudo)"
-        sudo = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=120"]  # another test may be installing it right now
-    for cmd in (["apt-get", *lock, "update"],
-                ["apt-get", *lock, "install", "-y", "--no-install-recommends", "prometheus"]):
-        try:
-            done = subprocess.run([*sudo, *cmd], capture_output=True, text=True, env=env,
-                                  timeout=APT_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            return f"`{' '.join(cmd)}` took over {APT_TIMEOUT_S} s"
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
-            return f"`{' '.join(cmd)}` failed: {' '.join(tail)}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def promtool() -> Iterator[str]:
-    found = shutil.which("promtool")
-    if found is None:
-        why = _install_promtool()
-        found = shutil.which("promtool")
-        if found is None:
-            pytest.skip(why or "the prometheus package installed no promtool")
-    yield found
+    # promtool comes with Debian's prometheus package.
+    yield debian_binary("promtool", ["prometheus"], timeout_s=APT_TIMEOUT_S)
 
 
 def run_promtool(promtool: str, *args: str | Path) -> str:

@@ -13,15 +13,14 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
 from flux_proxy import Prediction
 from providers.simulators import SimConfig, SimulatorServer
 from proxy.cli_client import describe
-from tests._serve import serving
-from tests.conftest import make_settings
+from tests._serve import create_key, serving
+from tests.conftest import isolate_env, make_settings
 
 ADMIN = "cli-generate-admin"
 CLI = [sys.executable, "-m", "proxy.cli"]
@@ -32,21 +31,14 @@ class Proxy:
         self.url = url
 
     def key(self, name: str, **spec: object) -> str:
-        r = httpx.post(f"{self.url}/admin/keys", json={"name": name, **spec},
-                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-        assert r.status_code == 201, r.text
-        key: str = r.json()["key"]
-        return key
+        return create_key(self.url, ADMIN, name, **spec)
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     tmp = tmp_path_factory.mktemp("cli-generate")
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):  # as conftest's _isolated_env, for a module fixture
-            if name.startswith(("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_", "LOCAL_WORKER")) \
-                    and name not in ("FLUX_PROXY_SKIP_PG", "FLUX_PROXY_TEST_PG_URL"):
-                mp.delenv(name)
+        isolate_env(mp)
         with SimulatorServer("wavespeed", SimConfig(job_latency_s=0.05)) as sim:
             settings = make_settings(tmp, {"wavespeed": sim}, auth_enabled=True,
                                      admin_key=ADMIN, public_base_url="")

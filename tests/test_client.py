@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,8 +22,8 @@ import flux_proxy as fp
 from flux_proxy import AsyncFluxProxy, FluxProxy
 from flux_proxy._outputs import auth_headers
 from providers.simulators import SimConfig, SimulatorServer
-from tests._serve import serving
-from tests.conftest import make_settings
+from tests._serve import create_key, serving
+from tests.conftest import isolate_env, make_settings
 
 ADMIN = "client-test-admin"
 
@@ -36,11 +35,7 @@ class Proxy:
     key: str  # a plain client key (no budget, no rate limit)
 
     def make_key(self, name: str, **spec: Any) -> str:
-        r = httpx.post(f"{self.url}/admin/keys", json={"name": name, **spec},
-                       headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-        assert r.status_code == 201, r.text
-        key: str = r.json()["key"]
-        return key
+        return create_key(self.url, ADMIN, name, **spec)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +44,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     polling), outputs kept by the proxy itself only where a test asks (see below)."""
     tmp = tmp_path_factory.mktemp("client")
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):  # as conftest's _isolated_env, for a module fixture
-            if name.startswith(("FLUX_PROXY_", "VIBEDREAM_", "WAVESPEED_", "LOCAL_WORKER")) \
-                    and name not in ("FLUX_PROXY_SKIP_PG", "FLUX_PROXY_TEST_PG_URL"):
-                mp.delenv(name)
+        isolate_env(mp)
         with SimulatorServer("wavespeed", SimConfig(job_latency_s=0.05)) as sim:
             settings = make_settings(tmp, {"wavespeed": sim}, auth_enabled=True,
                                      admin_key=ADMIN, public_base_url="",

@@ -14,9 +14,6 @@ import base64
 import io
 import os
 import re
-import shutil
-import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, get_args
@@ -30,6 +27,7 @@ from providers.simulators import SimulatorServer
 from proxy.app import create_app
 from proxy.schema import MAX_SIDE, MIN_SIDE, GenerateRequest
 
+from ._debian import debian_binary
 from ._serve import RecordingTransport, serving
 from .conftest import make_settings
 
@@ -145,36 +143,8 @@ async def test_the_page_is_self_contained_and_has_the_schema_ranges(tmp_path: Pa
 
 def chromium_binary() -> str:
     """/usr/bin/chromium, installed from the Debian packages when missing (bounded)."""
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    if shutil.which("apt-get") is None:
-        pytest.skip("no /usr/bin/chromium, and no apt-get to install the Debian package")
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None or subprocess.run(
-                ["sudo", "-n", "true"], capture_output=True, timeout=10).returncode != 0:
-            pytest.skip("no /usr/bin/chromium; installing it needs root (or sudo -n)")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    deadline = time.monotonic() + INSTALL_TIMEOUT_S
-    why = ""
-    for step in (["apt-get", "update"],
-                 ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            why = "timed out"
-            break
-        try:
-            done = subprocess.run([*prefix, *step], env=env, capture_output=True, timeout=left)
-        except subprocess.TimeoutExpired:
-            why = f"`{' '.join(step)}` timed out"
-            break
-        why = done.stderr.decode(errors="replace")[-500:]
-        if done.returncode != 0:
-            break
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"the Debian package `chromium` could not be installed: {why}")
-    return CHROMIUM
+    return debian_binary(CHROMIUM, ["chromium", "chromium-driver"],
+                         timeout_s=INSTALL_TIMEOUT_S, recommends=True)
 
 
 def _png(path: Path, size: tuple[int, int]) -> Path:

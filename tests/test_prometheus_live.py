@@ -22,8 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -41,6 +39,7 @@ from worker.app import create_worker_app
 from worker.settings import WorkerSettings
 from worker.testing import FakeEngine
 
+from ._debian import debian_binary
 from ._serve import free_port, serving, serving_app
 from .conftest import make_settings
 
@@ -56,40 +55,7 @@ INSTALL_TIMEOUT_S = 300
 
 def prometheus_binary() -> str:
     """`prometheus`, installed from the Debian package when missing (bounded)."""
-    found = shutil.which("prometheus")
-    if found:
-        return found
-    if shutil.which("apt-get") is None:
-        pytest.skip("no prometheus binary, and no apt-get to install the Debian package")
-    prefix: list[str] = []
-    if os.geteuid() != 0:
-        if shutil.which("sudo") is None or subprocess.run(
-                ["sudo", "-n", "true"], capture_output=True, timeout=10).returncode != 0:
-            pytest.skip("no prometheus binary; installing it needs root (or sudo -n)")
-        prefix = ["sudo", "-n"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    deadline = time.monotonic() + INSTALL_TIMEOUT_S
-    why = ""
-    for step in (["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-                 ["apt-get", "update"],
-                 ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            why = "timed out"
-            break
-        try:
-            done = subprocess.run([*prefix, *step], env=env, capture_output=True,
-                                  timeout=left)
-        except subprocess.TimeoutExpired:
-            why = f"`{' '.join(step)}` timed out"
-            break
-        why = done.stderr.decode(errors="replace")[-500:]
-        if step[1] == "install" and done.returncode == 0:
-            break
-    found = shutil.which("prometheus")
-    if not found:
-        pytest.skip(f"the Debian package `prometheus` could not be installed: {why}")
-    return found
+    return debian_binary("prometheus", ["prometheus"], timeout_s=INSTALL_TIMEOUT_S)
 
 
 @contextmanager

@@ -171,3 +171,13 @@ def copy_logs(workdir: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in workdir.glob("*.log"):
         shutil.copy(f, dest / f.name)
+
+
+def event_loop_runner() -> asyncio.Runner:
+    """The benchmarks' own event loop: uvloop when it is installed (the load generator
+    should cost as little CPU as it can), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
