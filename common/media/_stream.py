@@ -9,10 +9,9 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import httpx
 
-from ._download import _MAX_ADDRESSES_TRIED, _REDIRECT_STATUSES, _pinned
-from ._errors import BlockedURL, MediaError, TooLarge
-from ._guard import OutboundGuard, Target, effective_port, parse_http_url
-from ._hosts import format_host_port, host_matches
+from ._download import _MAX_ADDRESSES_TRIED, _REDIRECT_STATUSES, _check_allowed, _pinned
+from ._errors import MediaError, TooLarge
+from ._guard import OutboundGuard, Target, parse_http_url
 
 Sink = Callable[[bytes], Awaitable[None]]
 
@@ -39,9 +38,7 @@ async def download_to(
         async with asyncio.timeout(timeout_s):
             current = parse_http_url(url)
             for _hop in range(max(0, max_redirects) + 1):
-                if patterns and not host_matches(format_host_port(
-                        current.raw_host.decode("ascii"), effective_port(current)), patterns):
-                    raise BlockedURL(f"host {current.host!r} is not in the allowed hosts")
+                _check_allowed(current, patterns)
                 target = await checker.resolve(current)
                 location = await _get_to(client, target, sink, max_bytes)
                 if isinstance(location, tuple):

@@ -165,7 +165,11 @@ class WebhookDispatcher:
             status: int | None = None
             error: str | None = None
             try:
-                body, secrets = await self._prepare(delivery)
+                prepared = await self._prepare(delivery)
+                if prepared is None:  # an `output` that will never come
+                    await self.store.skip_webhook(delivery.id, self.instance_id)
+                    return
+                body, secrets = prepared
                 status = await media.guarded_post(
                     self._client, delivery.url, content=body,
                     headers=sign(secrets, delivery.id, started, body, delivery.event),
@@ -182,11 +186,15 @@ class WebhookDispatcher:
                      webhook_event=delivery.event, attempt=delivery.attempts + 1,
                      status_code=status, error=error, next=result.next_status)
 
-    async def _prepare(self, delivery: WebhookDelivery) -> tuple[bytes, list[str]]:
+    async def _prepare(self, delivery: WebhookDelivery) -> tuple[bytes, list[str]] | None:
+        """The signed body's parts; None for an `output` event of a prediction that
+        ended without outputs (failed, canceled)."""
         found = await self.store.get_with_attempts(delivery.prediction_id)
         if found is None:
             raise LookupError(f"prediction {delivery.prediction_id} is gone")
         pred, attempts = found
+        if delivery.event == "output" and pred.status != "completed":
+            return None
         if delivery.api_key_id is None:
             secrets = [self.config.keyless_secret] if self.config.keyless_secret else []
         else:

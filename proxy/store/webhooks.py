@@ -2,10 +2,11 @@
 short leases by any replica once their event has happened, and every POST recorded.
 
 Due means: `status = waiting`, `next_attempt_at` passed, no live lease, and the
-prediction's own row shows the event (`start`: no longer queued; `output`:
-completed; `completed`: terminal). So nothing needs writing when a prediction moves:
-the lifecycle's writes are the outbox. An `output` event of a prediction that ended
-without outputs is `skipped`.
+prediction's own row shows the event (`start`: no longer queued; `output` and
+`completed`: terminal). So nothing needs writing when a prediction moves: the
+lifecycle's writes are the outbox, and a dispatcher with nothing due only reads. An
+`output` event of a prediction that ended without outputs is `skipped` by the
+dispatcher that leased it (`skip_webhook`), with no POST.
 
 Claiming: on PostgreSQL the due rows are locked FOR UPDATE SKIP LOCKED (replicas take
 different rows); on SQLite writers are serialized and the UPDATE re-checks the lease,
@@ -63,8 +64,7 @@ def _due(now: datetime) -> Any:
         d.status == "waiting", d.next_attempt_at <= now,
         or_(d.lease_expires_at.is_(None), d.lease_expires_at <= now),
         or_(and_(d.event == "start", p.status != "queued"),
-            and_(d.event == "output", p.status == "completed"),
-            and_(d.event == "completed", p.status.in_(_TERMINAL))))
+            and_(d.event.in_(["output", "completed"]), p.status.in_(_TERMINAL))))
 
 
 class WebhookMixin:
@@ -89,12 +89,6 @@ class WebhookMixin:
         if self._pg:
             pick = pick.with_for_update(skip_locked=True, of=DELIVERIES)
         async with self._sessions() as session, session.begin():
-            # Outputs that will never come: the prediction ended without them.
-            ended = select(PREDICTIONS.c.id).where(
-                PREDICTIONS.c.status.in_(["failed", "canceled"]))
-            await session.execute(update(DELIVERIES).where(
-                d.status == "waiting", d.event == "output",
-                d.prediction_id.in_(ended)).values(status="skipped"))
             ids = list((await session.execute(pick)).scalars())
             if not ids:
                 return []
@@ -128,6 +122,14 @@ class WebhookMixin:
                 duration_ms=result.duration_ms, status_code=result.status_code,
                 error=result.error, instance_id=owner))
             await session.execute(update(DELIVERIES).where(d.id == delivery.id).values(values))
+
+    async def skip_webhook(self, delivery_id: str, owner: str) -> None:
+        """An `output` event whose prediction ended without outputs: never sent."""
+        d = DELIVERIES.c
+        async with self._sessions() as session, session.begin():
+            await session.execute(update(DELIVERIES).where(
+                d.id == delivery_id, d.lease_owner == owner).values(
+                status="skipped", lease_owner=None, lease_expires_at=None))
 
     async def release_webhook_leases(self, owner: str) -> int:
         """Hand back what `owner` leased and did not finish (its stop, or its restart
