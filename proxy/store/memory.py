@@ -8,7 +8,8 @@ one that raises (BudgetRefused, IntegrityError, ValueError) has written nothing,
 like a rolled-back transaction; none awaits between its reads and its writes,
 so each is atomic against the loop's other tasks.
 
-Not here: `spend` (reports), migrations, `engine`. The SQL store is the truth;
+Not here: `spend` (reports), migrations, `engine`, webhook deliveries (the creates
+take them and drop them: no dispatcher runs on this store). The SQL store is the truth;
 tests/test_memory_store.py runs one set of assertions against both.
 """
 
@@ -49,8 +50,6 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
         self._predictions: dict[str, Row] = {}
         self._attempts: dict[int, Row] = {}
         self._holds: dict[tuple[str, int], Row] = {}  # (prediction_id, seq) -> hold
-        # Deliveries inserted with their predictions (no dispatcher runs on this store).
-        self.webhooks: list[WebhookDelivery] = []
 
     async def __aenter__(self) -> MemoryStore:
         return self
@@ -85,7 +84,6 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
             self._take_hold(hold, p.id, 0)
         self._predictions[p.id] = row
         self._take_claim(claim, p.id)
-        self.webhooks.extend(webhooks)
         self._wrote("create_prediction")
         return p
 
@@ -115,7 +113,6 @@ class MemoryStore(MemoryIdempotencyMixin, MemoryKeysMixin):
             a.reserved_micro_usd = attempt_hold.amount_micro_usd
         self._insert_attempt(a, attempt_row)
         self._take_claim(claim, p.id)
-        self.webhooks.extend(webhooks)
         self._wrote("create_with_attempt")
         return p
 
