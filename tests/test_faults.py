@@ -11,6 +11,7 @@ idempotent repeat the same prediction."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import threading
@@ -206,12 +207,11 @@ def test_crashes_restarts_and_outages_lose_nothing_and_pay_nothing_twice(
         billing = {name: sim.billing for name, sim in sims.items()}
         logs = "".join(r.log.read_text(errors="replace") for r in replicas)
 
-    if os.environ.get("FAULTS_DUMP"):
-        import json
-        preds = {"predictions": predictions, "attempts": attempts,
-                 "received": [(h, b.decode()) for h, b in receiver.accepted()],
-                              "billing": billing, "refused": dict(load.refused)}
-        Path(os.environ["FAULTS_DUMP"]).write_text(json.dumps(preds, default=str))
+    # What the checks below read, for looking into a failed run.
+    (tmp_path / "faults.json").write_text(json.dumps({
+        "predictions": predictions, "attempts": attempts, "billing": billing,
+        "refused": dict(load.refused),
+        "received": [(h, b.decode()) for h, b in receiver.accepted()]}, default=str))
     statuses = Counter(status for _, status, _, _ in predictions)
     # A database outage does not fail a prediction: each is resumed from its rows.
     assert not [e for _, _, _, e in predictions if e and "internal error" in e]
