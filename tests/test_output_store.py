@@ -19,6 +19,7 @@ from providers.simulators import SimConfig, SimulatorServer
 from proxy.config import Settings
 from proxy.metrics import REGISTRY
 from proxy.outputs_store import LocalFolder, OutputStore, open_store
+from proxy.outputs_store.backend import put_whole
 
 from .conftest import make_settings, running_proxy
 
@@ -255,7 +256,7 @@ async def test_the_store_hides_and_sweeps_what_is_past_retention(tmp_path: Path)
     store = OutputStore(LocalFolder(tmp_path), max_bytes=1 << 20, retention_s=60,
                         copy_timeout_s=5, sweep_interval_s=60, clock=lambda: now[0])
     data = b"\x89PNG\r\n\x1a\n" + b"x" * 100
-    await store.backend.put(PID, 0, data, "png")
+    await put_whole(store.backend, PID, 0, data, "png")
     blob = await store.open(PID, 0)
     assert blob is not None and blob.content_type == "image/png" and blob.size == len(data)
     assert b"".join([c async for c in blob.chunks]) == data

@@ -1,7 +1,7 @@
 """Outputs the proxy keeps (`output_store`): copies of the providers' images, served at
 ``GET /v1/predictions/{id}/outputs/{n}`` (n 0-based) for `output_retention_s`.
 
-* backend.py  the interface: put / get / sweep one output, named by prediction and index
+* backend.py  the interface: write (streamed) / get / sweep one output, by prediction and index
 * local.py    a folder (a path or file:// URL; the compose stack's default)
 * s3.py       an S3-compatible bucket (``s3://bucket/prefix``; the ``[s3]`` extra)
 * keeper.py   copying when a prediction completes, opening for the route, the sweeper

@@ -1,4 +1,4 @@
-"""What an output store is made of: a backend that puts, reads and sweeps image files.
+"""What an output store is made of: a backend that writes (a chunk at a time), reads and sweeps image files.
 
 One object per output, named by its prediction id and 0-based index. The backend is
 the record: what it holds (its bytes, content type and time written) is all the
@@ -25,7 +25,8 @@ WRITE_BUFFER = 1024 * 1024  # bytes gathered before each write to the store's fi
 
 async def put_whole(backend: Backend, prediction_id: str, n: int, data: bytes,
                     fmt: str) -> None:
-    """`Backend.put` by way of its writer."""
+    """Store the bytes of output `n` (an image of `fmt`) at once, complete or not at
+    all, by way of the backend's writer. Raises StoreError."""
     out = await backend.writer(prediction_id, n)
     try:
         await out.write(data)
@@ -84,10 +85,6 @@ class Backend(Protocol):
         """Start writing output `n`. Raises StoreError."""
         ...
 
-    async def put(self, prediction_id: str, n: int, data: bytes, fmt: str) -> None:
-        """Store the bytes of output `n` (an image of `fmt`), complete or not at all.
-        Raises StoreError."""
-        ...
 
     async def get(self, prediction_id: str, n: int) -> Blob | None:
         """Output `n`, opened for reading; None when there is none."""

@@ -30,7 +30,6 @@ from proxy.outputs_store.backend import (
     Blob,
     StoreError,
     content_type,
-    put_whole,
 )
 
 _FORMATS = {ext: fmt for fmt, ext in EXTENSIONS.items()}
@@ -61,9 +60,6 @@ class LocalFolder:
             return _FileWriter(self.description, folder, n, tmp, open(tmp, "xb"))
 
         return await _io(self.description, "write to", start)
-
-    async def put(self, prediction_id: str, n: int, data: bytes, fmt: str) -> None:
-        await put_whole(self, prediction_id, n, data, fmt)
 
     async def get(self, prediction_id: str, n: int) -> Blob | None:
         try:

@@ -24,7 +24,6 @@ from proxy.outputs_store.backend import (
     Blob,
     StoreError,
     content_type,
-    put_whole,
 )
 
 if TYPE_CHECKING:
@@ -76,9 +75,6 @@ class S3Bucket:
 
     async def writer(self, prediction_id: str, n: int) -> _SpoolWriter:
         return _SpoolWriter(self, self._key(prediction_id, n))
-
-    async def put(self, prediction_id: str, n: int, data: bytes, fmt: str) -> None:
-        await put_whole(self, prediction_id, n, data, fmt)
 
     async def _put_object(self, key: str, body: Any, fmt: str) -> None:
         try:
