@@ -1,4 +1,4 @@
-"""What an output store is made of: a backend that writes (a chunk at a time), reads and sweeps image files.
+"""What an output store is made of: a backend that writes, reads and sweeps images.
 
 One object per output, named by its prediction id and 0-based index. The backend is
 the record: what it holds (its bytes, content type and time written) is all the
